@@ -1,0 +1,20 @@
+"""Every Redis key and Celery task name the system uses, in one place."""
+
+PREFIX = "refinery"
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def idempotency_key(key: str) -> str:
+    return f"{PREFIX}:idem:{key}"
+
+
+def job_events_channel(job_id: str) -> str:
+    return f"{PREFIX}:events:{job_id}"
+
+
+TASK_GENERATE = "refinery.generate_and_refine"
+TASK_REFINE = "refinery.refine_only"
+TASK_CALLBACK = "refinery.deliver_callback"

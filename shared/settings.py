@@ -1,0 +1,95 @@
+"""Every setting a user tunes, in one place.
+
+Read from the environment (prefix ``REFINERY_``) and from a ``.env`` file. This is the
+only module that reads the environment; everything else receives a ``Settings``.
+Each field is documented in ``.env.example``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import field_validator
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REFINERY_", env_file=".env", extra="ignore")
+
+    # Redis: broker for Celery and home of the job records.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    job_ttl_s: int = Field(7 * 24 * 3600, gt=0)
+
+    # S3 (AWS, MinIO, moto). Credentials: the standard AWS variables, or these.
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "face-refinery"
+    s3_prefix: str = "refinery"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    # Buckets a refine-only job may read its input from; empty means only s3_bucket.
+    s3_input_buckets: Annotated[list[str], NoDecode] = []
+    presign_expiry_s: int = Field(3600, gt=0, le=7 * 24 * 3600)
+
+    # Models.
+    model_preset: str = "flux-schnell"
+    # Local directory or hub id that overrides the preset's model id.
+    model_path: str | None = None
+    # Where tiny presets are built once and loaded from (FluxPipeline.from_pretrained).
+    model_cache_dir: Path = Path.home() / ".cache" / "face-refinery"
+    refiner_path: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    # Queues (one per model pool) and Celery worker behaviour.
+    queue_generate: str = "generate"
+    queue_refine: str = "refine"
+    queue_pairs: str = "pairs"
+    queue_callbacks: str = "callbacks"
+    # Must exceed the longest job, or Redis redelivers it while it still runs.
+    visibility_timeout_s: int = Field(3600, gt=0)
+    task_time_limit_s: int = Field(900, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    callback_concurrency: int = Field(8, ge=1)
+
+    # Input limits.
+    max_input_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_input_pixels: int = Field(2048 * 2048, gt=0)
+
+    # Callbacks: Standard Webhooks signing and the private-address refusal.
+    callback_secret: SecretStr | None = None
+    callback_allowlist: Annotated[list[str], NoDecode] = []
+    callback_timeout_s: float = Field(10.0, gt=0)
+    callback_max_retries: int = Field(6, ge=0)
+    callback_backoff_max_s: int = Field(600, gt=0)
+    callback_on_running: bool = False
+
+    # Client side.
+    wait_poll_s: float = Field(0.5, gt=0)
+
+    @field_validator("callback_allowlist", "s3_input_buckets", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @property
+    def model_queues(self) -> tuple[str, str, str]:
+        return (self.queue_generate, self.queue_refine, self.queue_pairs)
+
+    @property
+    def readable_buckets(self) -> list[str]:
+        return self.s3_input_buckets or [self.s3_bucket]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
