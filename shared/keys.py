@@ -11,6 +11,10 @@ def idempotency_key(key: str) -> str:
     return f"{PREFIX}:idem:{key}"
 
 
+def worker_key(hostname: str) -> str:
+    return f"{PREFIX}:worker:{hostname}"
+
+
 def job_events_channel(job_id: str) -> str:
     return f"{PREFIX}:events:{job_id}"
 

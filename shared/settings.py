@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     # Buckets a refine-only job may read its input from; empty means only s3_bucket.
     s3_input_buckets: Annotated[list[str], NoDecode] = []
     presign_expiry_s: int = Field(3600, gt=0, le=7 * 24 * 3600)
+    # boto3's own retries with backoff ("standard" mode) before a job fails with storage_unavailable.
+    s3_max_attempts: int = Field(5, ge=1)
+    s3_timeout_s: float = Field(10.0, gt=0)
 
     # Models.
     model_preset: str = "flux-schnell"
@@ -58,6 +61,7 @@ class Settings(BaseSettings):
     # Must exceed the longest job, or Redis redelivers it while it still runs.
     visibility_timeout_s: int = Field(3600, gt=0)
     task_time_limit_s: int = Field(900, gt=0)
+    # Deliveries of one job (a worker that died mid-job counts one); then it fails with worker_lost.
     max_attempts: int = Field(3, ge=1)
     callback_concurrency: int = Field(8, ge=1)
 
@@ -73,13 +77,15 @@ class Settings(BaseSettings):
     callback_backoff_max_s: int = Field(600, gt=0)
     callback_on_running: bool = False
 
-    # Client side.
-    wait_poll_s: float = Field(0.5, gt=0)
-
     @field_validator("callback_allowlist", "s3_input_buckets", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("model_cache_dir", "refiner_path", mode="after")
+    @classmethod
+    def _expand_home(cls, path: Path | None) -> Path | None:
+        return path.expanduser() if path else None
 
     @property
     def model_queues(self) -> tuple[str, str, str]:

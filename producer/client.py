@@ -1,0 +1,110 @@
+"""The producer's Python API: submit jobs, follow them, cancel them.
+
+    client = Client()
+    job = client.submit_generate("portrait of an elderly fisherman, golden hour", seed=7)
+    record = job.wait(timeout=120)
+    print(record.result.url)
+
+Everything is validated here, before anything reaches Redis, so bad input fails at submit
+time with the offending field named (``shared.errors.InvalidInput``).
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from shared import keys
+from shared.broker import make_celery
+from shared.callbacks import check_callback_url
+from shared.errors import InvalidImage
+from shared.images import decode_image
+from shared.jobs import GenerateSpec, JobKind, JobRecord, RefineSpec, build_spec, check_size_for_preset
+from shared.settings import Settings, get_settings
+from shared.storage import Storage
+from shared.store import JobStore
+
+_TASKS = {JobKind.generate_and_refine: keys.TASK_GENERATE, JobKind.refine_only: keys.TASK_REFINE}
+
+
+@dataclass(frozen=True)
+class JobHandle:
+    job_id: str
+    client: Client
+
+    def status(self) -> JobRecord:
+        return self.client.status(self.job_id)
+
+    def wait(self, timeout: float | None = None) -> JobRecord:
+        return self.client.wait(self.job_id, timeout)
+
+    def cancel(self) -> JobRecord:
+        return self.client.cancel(self.job_id)
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.store = JobStore.from_settings(self.settings)
+
+    @cached_property
+    def celery(self):
+        return make_celery(self.settings)
+
+    @cached_property
+    def storage(self) -> Storage:
+        return Storage(self.settings)
+
+    def submit_generate(self, prompt: str, **fields: Any) -> JobHandle:
+        """Queue a generate-and-refine job; see ``shared.jobs.GenerateSpec`` for the fields."""
+        spec = build_spec(GenerateSpec, prompt=prompt, **fields)
+        check_size_for_preset(spec, self.settings.model_preset)
+        # Drawn here, not in the worker, so a redelivered job makes the same image.
+        seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
+        return self._submit(spec, seed=seed)
+
+    def submit_refine(self, *, input_uri: str | None = None, image: bytes | None = None, **fields: Any) -> JobHandle:
+        """Queue a refine-only job for an S3 object or for image bytes sent inline."""
+        if (input_uri is None) == (image is None):
+            raise InvalidImage("give exactly one of input_uri or image", field="input")
+        job_id = uuid.uuid4().hex
+        if image is not None:
+            # Checked and stored under the job's own prefix now, so the broker message stays
+            # small and a bad upload fails here rather than in the worker.
+            decode_image(image, max_bytes=self.settings.max_input_bytes, max_pixels=self.settings.max_input_pixels)
+            input_uri = self.storage.job_uri(job_id, "input")
+        spec = build_spec(RefineSpec, input_uri=input_uri, **fields)
+        if spec.idempotency_key and (first := self.store.find_idempotent(spec.idempotency_key)):
+            return JobHandle(first, self)
+        if image is not None:
+            self.storage.put(input_uri, image, "application/octet-stream")
+        return self._submit(spec, job_id=job_id)
+
+    def _submit(self, spec: GenerateSpec | RefineSpec, *, seed: int | None = None, job_id: str | None = None) -> JobHandle:
+        if spec.callback_url:
+            check_callback_url(spec.callback_url, self.settings.callback_allowlist)
+        record = JobRecord(job_id=job_id or uuid.uuid4().hex, kind=spec.kind, spec=spec, seed=seed)
+        record, created = self.store.create(record, spec.idempotency_key)
+        if created:
+            # The record exists before the message, so a worker always finds what it is sent.
+            self.celery.send_task(_TASKS[spec.kind], args=[record.job_id], task_id=record.job_id)
+        return JobHandle(record.job_id, self)
+
+    def handle(self, job_id: str) -> JobHandle:
+        return JobHandle(job_id, self)
+
+    def status(self, job_id: str) -> JobRecord:
+        return self.store.get(job_id)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
+        return self.store.wait(job_id, timeout)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """A queued job is never run; a running one ends ``cancelled`` and publishes nothing."""
+        record, cancelled = self.store.cancel(job_id)
+        if cancelled and record.spec.callback_url:
+            self.celery.send_task(keys.TASK_CALLBACK, args=[job_id, record.state.value])
+        return record

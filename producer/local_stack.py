@@ -1,0 +1,149 @@
+"""A private, throwaway stack on loopback: redis-server, an S3 server (moto), workers.
+
+The demo, the integration tests and the benchmarks all run the system through this: real
+processes on free ports, started and stopped here, nothing shared with the machine's own
+services.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from shared.settings import Settings
+from shared.storage import Storage
+from shared.store import JobStore
+
+TEST_CALLBACK_SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check, *, timeout_s: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what}: process exited with {process.returncode}\n{tail}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout_s} s")
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(value)
+    if hasattr(value, "get_secret_value"):
+        return value.get_secret_value()
+    return str(value)
+
+
+class LocalStack:
+    """``with LocalStack(workdir) as stack:`` gives ``stack.settings`` and running services."""
+
+    def __init__(self, workdir: Path, *, preset: str = "tiny-schnell", **overrides: Any) -> None:
+        self.workdir = Path(workdir)
+        self.logs = self.workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.redis_port = free_port()
+        self.s3_port = free_port()
+        fields: dict[str, Any] = {
+            "redis_url": f"redis://127.0.0.1:{self.redis_port}/0",
+            "s3_endpoint_url": f"http://127.0.0.1:{self.s3_port}",
+            "s3_bucket": "refinery-local",
+            # moto accepts any credentials; these only need to be consistent.
+            "s3_access_key_id": "testing",
+            "s3_secret_access_key": "testing",
+            "model_preset": preset,
+            "model_cache_dir": self.workdir / "models",
+            "callback_secret": TEST_CALLBACK_SECRET,
+            "callback_allowlist": ["127.0.0.1"],
+            "device": "cpu",
+        }
+        fields.update(overrides)
+        self.fields = fields
+        self.settings = Settings(_env_file=None, **fields)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.env.update({f"REFINERY_{name.upper()}": _env_value(value) for name, value in fields.items()})
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self.start_redis()
+            self.start_s3()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
+        log.close()
+        self.processes[name] = process
+        return process
+
+    def start_redis(self, *, appendonly: bool = False) -> None:
+        argv = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "yes" if appendonly else "no", "--dir", str(self.workdir)]
+        process = self._spawn("redis", argv)
+        client = redis.Redis(port=self.redis_port)
+        wait_until(client.ping, timeout_s=10, what="redis-server", process=process, log=self.logs / "redis.log")
+
+    def start_s3(self) -> None:
+        process = self._spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)])
+        url = f"{self.settings.s3_endpoint_url}/moto-api/"
+        wait_until(lambda: httpx.get(url).status_code < 500, timeout_s=30, what="S3 (moto)", process=process, log=self.logs / "s3.log")
+        Storage(self.settings).ensure_bucket()
+
+    def start_worker(self, name: str, queues: list[str] | None = None, *, timeout_s: float = 120) -> subprocess.Popen:
+        """Start ``refinery worker`` and return once it announced itself ready."""
+        queues = queues or [self.settings.queue_generate, self.settings.queue_refine]
+        hostname = f"{name}@localstack"
+        argv = [sys.executable, "-m", "producer", "worker", f"--queues={','.join(queues)}", f"--name={hostname}"]
+        process = self._spawn(name, argv)
+        store = JobStore.from_settings(self.settings)
+        wait_until(
+            lambda: hostname in store.workers(),
+            timeout_s=timeout_s,
+            what=f"worker {name}",
+            process=process,
+            log=self.logs / f"{name}.log",
+        )
+        return process
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20) -> None:
+        process = self.processes.pop(name, None)
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def stop(self) -> None:
+        # Workers first, so they do not spin on a vanished broker.
+        for name in sorted(self.processes, key=lambda n: n in ("redis", "s3")):
+            self.stop_process(name)

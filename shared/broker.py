@@ -1,0 +1,43 @@
+"""The Celery configuration both sides share: producers send with it, workers consume with it.
+
+Tasks take a job id, never a payload: the record in Redis is the source of truth, and the
+broker carries JSON only (pickle is not accepted).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared import keys
+from shared.settings import Settings
+
+
+def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
+    app = Celery("face_refinery", broker=settings.redis_url, include=include or [])
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        # Job state lives in our own records; Celery results would be a second copy.
+        task_ignore_result=True,
+        # Ack after the job ran, and requeue it if the worker process died: no job is lost.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # A GPU worker takes one job at a time; prefetching more would hide them from idle workers.
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        task_time_limit=settings.task_time_limit_s,
+        task_default_queue=settings.queue_generate,
+        task_routes={
+            keys.TASK_GENERATE: {"queue": settings.queue_generate},
+            keys.TASK_REFINE: {"queue": settings.queue_refine},
+            keys.TASK_CALLBACK: {"queue": settings.queue_callbacks},
+        },
+        # Events let Flower follow tasks.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+    )
+    return app

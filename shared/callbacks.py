@@ -1,0 +1,171 @@
+"""Status callbacks: refusing private targets, signing, and one delivery attempt.
+
+A callback URL is chosen by whoever submits a job, so an unchecked one would let them make
+the worker call internal services (cloud metadata, Redis, admin ports). URLs are checked at
+submit time and again before every delivery. Bodies are signed per Standard Webhooks
+(https://www.standardwebhooks.com/) so receivers can verify them with any of its libraries.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from standardwebhooks import Webhook
+
+from shared.errors import CallbackRefused
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def check_callback_url(
+    url: str,
+    allowlist: list[str],
+    *,
+    resolve: Callable[..., list[tuple[Any, ...]]] = socket.getaddrinfo,
+) -> None:
+    """Raise ``CallbackRefused`` unless ``url`` is http(s) and reaches only public addresses.
+
+    ``allowlist`` entries are host names (exact, case-insensitive) or IP networks/addresses;
+    a listed name, or an address inside a listed network, is let through.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise CallbackRefused(f"is not a valid URL: {exc}", field="callback_url") from None
+    if parts.scheme not in ("http", "https"):  # urlsplit lower-cases the scheme
+        raise CallbackRefused("must be an http:// or https:// URL", field="callback_url")
+    host = (parts.hostname or "").rstrip(".")  # hostname is already lower-case, unbracketed
+    if not host:
+        raise CallbackRefused("has no host", field="callback_url")
+
+    names, networks = _parse_allowlist(allowlist)
+    if host in names:
+        return
+    try:
+        addresses = {ipaddress.ip_address(host)}
+    except ValueError:
+        # Every address counts, not just the first: the HTTP client may try any of them.
+        try:
+            infos = resolve(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise CallbackRefused(
+                f"host {host!r} does not resolve: {exc}", field="callback_url"
+            ) from None
+        addresses = {ipaddress.ip_address(info[4][0]) for info in infos}
+        if not addresses:
+            raise CallbackRefused(f"host {host!r} does not resolve", field="callback_url")
+    for address in addresses:
+        if not any(address in network for network in networks) and not _is_public(address):
+            raise CallbackRefused(
+                f"host {host!r} resolves to non-public address {address}; "
+                "allowlist it in REFINERY_CALLBACK_ALLOWLIST if that is intended",
+                field="callback_url",
+            )
+
+
+def _parse_allowlist(allowlist: list[str]) -> tuple[set[str], list[IPNetwork]]:
+    names: set[str] = set()
+    networks: list[IPNetwork] = []
+    for entry in allowlist:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            names.add(entry.strip().lower().rstrip("."))
+    return names, networks
+
+
+def _is_public(address: IPAddress) -> bool:
+    # IPv6 forms that carry an IPv4 address (mapped, NAT64, 6to4) reach that IPv4 address,
+    # so judge it instead: ::ffff:127.0.0.1 is loopback.
+    if address.version == 6:
+        if address.ipv4_mapped:
+            address = address.ipv4_mapped
+        elif address in _NAT64:
+            address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        elif address.sixtofour:
+            address = address.sixtofour
+    # is_global misses multicast, reserved and deprecated site-local (fec0::/10) ranges.
+    return (
+        address.is_global
+        and not address.is_multicast
+        and not address.is_reserved
+        and not (address.version == 6 and address.is_site_local)
+    )
+
+
+def sign_headers(body: bytes, *, secret: str, msg_id: str, timestamp: datetime) -> dict[str, str]:
+    """Standard Webhooks headers for ``body``; ``secret`` is a ``whsec_<base64>`` secret."""
+    if timestamp.tzinfo is None:
+        raise ValueError("timestamp must be timezone-aware")
+    # Webhook.sign() replaces (not converts) the tzinfo with UTC, so convert first or a
+    # non-UTC timestamp would be signed as a different instant than the header states.
+    timestamp = timestamp.astimezone(UTC)
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(timestamp.timestamp())),
+        "webhook-signature": Webhook(secret).sign(msg_id, timestamp, body.decode()),
+        "content-type": "application/json",
+    }
+
+
+class CallbackFailed(Exception):
+    """A delivery attempt that may succeed if retried: network error, timeout, non-2xx."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        # Both in args so the exception survives pickling (Celery retries pickle it).
+        super().__init__(message, status)
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def deliver(
+    url: str,
+    payload: dict[str, Any],
+    *,
+    msg_id: str,
+    secret: str | None,
+    timeout_s: float,
+    allowlist: list[str],
+) -> int:
+    """POST ``payload`` once; return the 2xx status or raise ``CallbackFailed``.
+
+    ``CallbackRefused`` (the URL now resolves somewhere private) is not worth retrying and
+    propagates. ``msg_id`` stays the same across retries so receivers can deduplicate.
+    """
+    check_callback_url(url, allowlist)  # DNS may have changed since the job was submitted
+    # Serialise once: the signature covers exactly these bytes.
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    if secret:
+        headers = sign_headers(body, secret=secret, msg_id=msg_id, timestamp=datetime.now(UTC))
+    else:
+        headers = {"webhook-id": msg_id, "content-type": "application/json"}
+    try:
+        # Streamed and never read: only the status matters, and a hostile receiver could
+        # answer with an endless body. A redirect could point anywhere, so it is not followed.
+        with httpx.stream(
+            "POST", url, content=body, headers=headers, timeout=timeout_s, follow_redirects=False
+        ) as response:
+            status = response.status_code
+            location = response.headers.get("location")
+    except httpx.HTTPError as exc:
+        raise CallbackFailed(f"{type(exc).__name__}: {exc}") from None
+    if 200 <= status < 300:
+        return status
+    if 300 <= status < 400:
+        raise CallbackFailed(
+            f"answered {status} redirecting to {location!r}; redirects are not followed", status
+        )
+    raise CallbackFailed(f"answered {status}", status)

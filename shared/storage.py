@@ -1,0 +1,81 @@
+"""S3 storage for inputs and results (AWS, MinIO, moto: anything boto3 speaks to).
+
+Result keys derive from the job id alone, so a redelivered job overwrites its own objects
+instead of writing new ones.
+"""
+
+from __future__ import annotations
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from shared.errors import InputNotFound, InvalidImage, InvalidInput, StorageUnavailable
+from shared.jobs import parse_s3_uri
+from shared.settings import Settings
+
+_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+
+
+class Storage:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        secret = settings.s3_secret_access_key
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.s3_region,
+            # None lets boto3 read the standard AWS variables and profiles.
+            aws_access_key_id=settings.s3_access_key_id,
+            aws_secret_access_key=secret.get_secret_value() if secret else None,
+            config=Config(
+                signature_version="s3v4",
+                retries={"max_attempts": settings.s3_max_attempts, "mode": "standard"},
+                connect_timeout=settings.s3_timeout_s,
+                read_timeout=settings.s3_timeout_s,
+            ),
+        )
+
+    def job_uri(self, job_id: str, name: str) -> str:
+        return f"s3://{self.settings.s3_bucket}/{self.settings.s3_prefix}/jobs/{job_id}/{name}"
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.settings.s3_bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.settings.s3_bucket)
+
+    def put(self, uri: str, data: bytes, content_type: str) -> str:
+        bucket, key = parse_s3_uri(uri)
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailable(f"upload of {uri} failed: {exc}") from exc
+        return uri
+
+    def get(self, uri: str, *, max_bytes: int | None = None) -> bytes:
+        """Read an object; only from the buckets refine-only inputs may come from."""
+        try:
+            bucket, key = parse_s3_uri(uri)
+        except ValueError as exc:
+            raise InvalidInput(str(exc), field="input_uri") from None
+        if bucket not in self.settings.readable_buckets:
+            raise InvalidInput(f"bucket {bucket!r} is not readable by this service", field="input_uri")
+        try:
+            if max_bytes is not None:
+                size = self.client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+                if size > max_bytes:
+                    raise InvalidImage(f"{size} bytes exceeds the limit of {max_bytes}", field="input")
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _MISSING:
+                raise InputNotFound(f"no object at {uri}", field="input_uri") from None
+            raise StorageUnavailable(f"download of {uri} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"download of {uri} failed: {exc}") from exc
+
+    def presign(self, uri: str) -> str:
+        bucket, key = parse_s3_uri(uri)
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.settings.presign_expiry_s
+        )

@@ -1,0 +1,139 @@
+"""Job records in Redis: one JSON document per job, changed only inside transactions.
+
+Producers create records, workers move them through ``queued -> running -> terminal``,
+and every change is published on the job's channel so ``wait`` needs no busy polling.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import redis
+
+from shared import keys
+from shared.errors import JobNotFound
+from shared.jobs import JobRecord, JobState, utcnow
+from shared.settings import Settings
+
+# A mutation returns the new record, or None to leave the stored one as it is.
+Mutation = Callable[[JobRecord], JobRecord | None]
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobStore:
+        client = redis.Redis.from_url(settings.redis_url, health_check_interval=30, retry_on_timeout=True)
+        return cls(client, settings.job_ttl_s)
+
+    def create(self, record: JobRecord, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+        """Store a new record; with an idempotency key, return the first job made with it.
+
+        Returns ``(record, created)``. The key check and both writes are one transaction,
+        so two producers racing with the same key get the same job.
+        """
+        idem = keys.idempotency_key(idempotency_key) if idempotency_key else None
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    if idem:
+                        pipe.watch(idem)
+                        existing = pipe.get(idem)
+                        if existing is not None:
+                            pipe.reset()
+                            return self.get(existing.decode()), False
+                    pipe.multi()
+                    if idem:
+                        pipe.set(idem, record.job_id, ex=self.ttl_s)
+                    pipe.set(keys.job_key(record.job_id), record.model_dump_json(), ex=self.ttl_s)
+                    pipe.execute()
+                    return record, True
+                except redis.WatchError:
+                    continue
+
+    def find_idempotent(self, idempotency_key: str) -> str | None:
+        """The job id first submitted with this key, if any."""
+        job_id = self.redis.get(keys.idempotency_key(idempotency_key))
+        return job_id.decode() if job_id else None
+
+    def get(self, job_id: str) -> JobRecord:
+        raw = self.redis.get(keys.job_key(job_id))
+        if raw is None:
+            raise JobNotFound(f"no job {job_id!r} (unknown or expired)", field="job_id")
+        return JobRecord.model_validate_json(raw)
+
+    def update(self, job_id: str, mutate: Mutation) -> JobRecord:
+        """Apply ``mutate`` atomically (optimistic WATCH/MULTI); returns the stored record."""
+        key = keys.job_key(job_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise JobNotFound(f"no job {job_id!r} (unknown or expired)", field="job_id")
+                    current = JobRecord.model_validate_json(raw)
+                    new = mutate(current.model_copy(deep=True))
+                    if new is None:
+                        pipe.reset()
+                        return current
+                    pipe.multi()
+                    pipe.set(key, new.model_dump_json(), keepttl=True)
+                    pipe.publish(keys.job_events_channel(job_id), new.state.value)
+                    pipe.execute()
+                    return new
+                except redis.WatchError:
+                    continue
+
+    def cancel(self, job_id: str) -> tuple[JobRecord, bool]:
+        """Cancel a job that has not finished; returns the record and whether this call cancelled it."""
+        cancelled = False
+
+        def mutate(record: JobRecord) -> JobRecord | None:
+            nonlocal cancelled
+            if record.state.terminal:
+                return None
+            record.state = JobState.cancelled
+            record.finished_at = utcnow()
+            cancelled = True
+            return record
+
+        return self.update(job_id, mutate), cancelled
+
+    def wait(self, job_id: str, timeout_s: float | None = None) -> JobRecord:
+        """Block until the job is terminal; raises TimeoutError with the last record seen."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(keys.job_events_channel(job_id))
+        try:
+            while True:
+                # Read after subscribing, so a change between the two is not missed.
+                record = self.get(job_id)
+                if record.state.terminal:
+                    return record
+                left = 1.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"job {job_id} still {record.state.value} after {timeout_s} s")
+                pubsub.get_message(timeout=min(left, 1.0))
+        finally:
+            pubsub.close()
+
+    def register_worker(self, hostname: str, info: dict[str, object]) -> None:
+        """Announce a worker that is ready to consume (its models are loaded and warm)."""
+        self.redis.set(keys.worker_key(hostname), json.dumps(info), ex=self.ttl_s)
+
+    def unregister_worker(self, hostname: str) -> None:
+        self.redis.delete(keys.worker_key(hostname))
+
+    def workers(self) -> dict[str, dict[str, object]]:
+        found = {}
+        for key in self.redis.scan_iter(keys.worker_key("*")):
+            raw = self.redis.get(key)
+            if raw is not None:
+                found[key.decode().removeprefix(keys.worker_key(""))] = json.loads(raw)
+        return found

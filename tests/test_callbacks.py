@@ -1,0 +1,314 @@
+"""Unit tests for shared.callbacks: the private-address refusal, signing and delivery.
+
+Delivery tests talk to a real HTTP server on 127.0.0.1 (allowlisted) in a thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import pickle
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from shared.callbacks import CallbackFailed, check_callback_url, deliver, sign_headers
+from shared.errors import CallbackRefused
+
+SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+LOCAL = ["127.0.0.1"]
+
+
+def fake_dns(*addresses: str):
+    """A resolver answering every name with ``addresses``, shaped like getaddrinfo's result."""
+
+    def resolve(host: str, port: int | None, **_: object) -> list[tuple[object, ...]]:
+        family = {4: socket.AF_INET, 6: socket.AF_INET6}
+        return [
+            (family[ipaddress.ip_address(a).version], socket.SOCK_STREAM, 6, "", (a, port or 0))
+            for a in addresses
+        ]
+
+    return resolve
+
+
+def no_dns(host: str, port: int | None, **_: object) -> list[tuple[object, ...]]:
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+# --- check_callback_url -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/hook",
+        "http://127.8.9.10:8080/hook",
+        "http://[::1]/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.1.2.3/",
+        "http://192.168.1.1/",
+        "http://172.16.0.1/",
+        "http://0.0.0.0/",
+        "http://[::]/",
+        "http://100.64.0.1/",  # carrier-grade NAT
+        "http://224.0.0.1/",  # multicast: is_global alone lets it through
+        "http://[ff02::1]/",
+        "http://[fe80::1%25eth0]/",
+        "http://[fec0::1]/",  # site-local: is_global alone lets it through
+        "http://[fd00::1]/",  # unique-local
+        "http://[::ffff:127.0.0.1]/",  # IPv4-mapped loopback
+        "http://[::ffff:169.254.169.254]/",
+        "http://[64:ff9b::a9fe:a9fe]/",  # NAT64 of 169.254.169.254
+        "http://[2002:a00:1::1]/",  # 6to4 of 10.0.0.1
+        "http://240.0.0.1/",  # reserved
+        "https://255.255.255.255/",
+    ],
+)
+def test_non_public_literal_addresses_are_refused(url: str) -> None:
+    with pytest.raises(CallbackRefused, match="non-public address") as caught:
+        check_callback_url(url, [])
+    assert caught.value.field == "callback_url"
+    assert caught.value.code == "callback_url_refused"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://example.com/x", "http:// or https://"),
+        ("file:///etc/passwd", "http:// or https://"),
+        ("gopher://127.0.0.1:6379/_INFO", "http:// or https://"),
+        ("javascript:alert(1)", "http:// or https://"),
+        ("http:///path-only", "no host"),
+        ("http://example.com:99999/", "not a valid URL"),
+        ("example.com/hook", "http:// or https://"),
+    ],
+)
+def test_malformed_and_non_http_urls_are_refused(url: str, message: str) -> None:
+    with pytest.raises(CallbackRefused, match=message):
+        check_callback_url(url, [], resolve=fake_dns("93.184.215.14"))
+
+
+def test_localhost_is_refused_through_the_real_resolver() -> None:
+    with pytest.raises(CallbackRefused, match="localhost"):
+        check_callback_url("http://localhost:8000/hook", [])
+
+
+def test_numeric_ipv4_spellings_are_judged_by_what_they_resolve_to() -> None:
+    # 2130706433 is 127.0.0.1 to inet_aton; the real resolver turns it into that address.
+    with pytest.raises(CallbackRefused, match="127.0.0.1"):
+        check_callback_url("http://2130706433/", [])
+
+
+def test_public_literal_addresses_pass() -> None:
+    check_callback_url("https://8.8.8.8/hook", [])
+    check_callback_url("https://[2606:4700:4700::1111]:8443/hook", [])
+    check_callback_url("https://[::ffff:8.8.8.8]/hook", [])  # mapped public IPv4
+
+
+def test_public_name_passes_with_every_address_public() -> None:
+    public = fake_dns("93.184.215.14", "2606:2800:21f:cb07::1")
+    check_callback_url("https://hooks.example.com/x", [], resolve=public)
+
+
+def test_public_looking_name_resolving_privately_is_refused() -> None:
+    with pytest.raises(CallbackRefused, match="10.0.0.5"):
+        check_callback_url("https://hooks.example.com/x", [], resolve=fake_dns("10.0.0.5"))
+
+
+def test_one_private_address_among_public_ones_is_refused() -> None:
+    with pytest.raises(CallbackRefused, match="169.254.169.254"):
+        mixed = fake_dns("93.184.215.14", "169.254.169.254")
+        check_callback_url("https://hooks.example.com/", [], resolve=mixed)
+
+
+def test_unresolvable_host_is_refused() -> None:
+    with pytest.raises(CallbackRefused, match="does not resolve"):
+        check_callback_url("https://no-such-host.invalid/", [], resolve=no_dns)
+    with pytest.raises(CallbackRefused, match="does not resolve"):
+        check_callback_url("https://empty.example/", [], resolve=fake_dns())
+
+
+@pytest.mark.parametrize(
+    ("url", "allowlist"),
+    [
+        ("http://127.0.0.1:9000/hook", ["127.0.0.1"]),
+        ("http://10.1.2.3/hook", ["10.0.0.0/8"]),
+        ("http://[::1]/hook", ["::1"]),
+        ("http://[fd12::7]/hook", ["fd12::/16"]),
+        ("http://hooks.internal/hook", ["hooks.internal"]),
+        ("http://HOOKS.Internal./hook", [" Hooks.INTERNAL "]),  # case, trailing dot, spaces
+        ("http://svc.cluster.local/hook", ["10.0.0.0/8"]),  # resolves inside an allowed network
+    ],
+)
+def test_allowlist_lets_exact_entries_through(url: str, allowlist: list[str]) -> None:
+    check_callback_url(url, allowlist, resolve=fake_dns("10.9.8.7"))
+
+
+@pytest.mark.parametrize(
+    ("url", "allowlist"),
+    [
+        ("http://10.1.2.3/", ["10.2.0.0/16"]),  # outside the network
+        ("http://evil.hooks.internal/", ["hooks.internal"]),  # names are exact, not suffixes
+        ("http://hooks.internal.evil.com/", ["hooks.internal"]),
+        ("http://127.0.0.2/", ["127.0.0.1"]),
+        ("http://mixed.example/", ["10.0.0.0/8"]),  # 10.x allowed, but 192.168.x is not
+    ],
+)
+def test_allowlist_admits_nothing_else(url: str, allowlist: list[str]) -> None:
+    with pytest.raises(CallbackRefused):
+        check_callback_url(url, allowlist, resolve=fake_dns("10.9.8.7", "192.168.0.1"))
+
+
+# --- sign_headers -------------------------------------------------------------------------
+
+
+def test_signature_verifies_with_the_reference_library() -> None:
+    body = b'{"job_id":"j1","state":"succeeded"}'
+    headers = sign_headers(body, secret=SECRET, msg_id="msg_1", timestamp=datetime.now(UTC))
+
+    assert headers["content-type"] == "application/json"
+    assert headers["webhook-id"] == "msg_1"
+    assert Webhook(SECRET).verify(body, headers) == {"job_id": "j1", "state": "succeeded"}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(body + b" ", headers)
+
+
+def test_non_utc_timestamps_sign_the_instant_they_name() -> None:
+    now = datetime.now(UTC)
+    body = b"{}"
+    elsewhere = now.astimezone(timezone(timedelta(hours=5, minutes=30)))
+
+    headers = sign_headers(body, secret=SECRET, msg_id="m", timestamp=elsewhere)
+
+    assert headers == sign_headers(body, secret=SECRET, msg_id="m", timestamp=now)
+    Webhook(SECRET).verify(body, headers)
+
+
+def test_naive_timestamps_are_rejected() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        sign_headers(b"{}", secret=SECRET, msg_id="m", timestamp=datetime.now())
+
+
+# --- deliver ------------------------------------------------------------------------------
+
+
+class Receiver(BaseHTTPRequestHandler):
+    """Answers by path: /ok 200, /fail 500, /redirect 302 to /target, /slow after 2 s."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        received = self.server.received  # type: ignore[attr-defined]
+        received.append((self.path, dict(self.headers), body))
+        if self.path == "/slow":
+            time.sleep(2)
+        status = {"/ok": 200, "/fail": 500, "/redirect": 302}.get(self.path, 404)
+        self.send_response(status)
+        if status == 302:
+            self.send_header("Location", "/target")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST
+
+    def log_message(self, *args: object) -> None:  # keep test output quiet
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[tuple[str, dict[str, str], bytes]]]]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    server.daemon_threads = True
+    server.received = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", server.received  # type: ignore
+    server.shutdown()
+    server.server_close()
+
+
+PAYLOAD = {"job_id": "j1", "state": "succeeded", "note": "naïve ✓"}
+
+
+def send(url: str, secret: str | None = SECRET, timeout_s: float = 5) -> int:
+    return deliver(
+        url, PAYLOAD, msg_id="msg_42", secret=secret, timeout_s=timeout_s, allowlist=LOCAL
+    )
+
+
+def test_delivery_is_signed_and_verifiable(receiver) -> None:
+    base, received = receiver
+
+    assert send(f"{base}/ok") == 200
+
+    [(path, headers, body)] = received
+    assert path == "/ok"
+    assert json.loads(body) == PAYLOAD
+    assert body == json.dumps(PAYLOAD, separators=(",", ":")).encode()  # compact, sent as signed
+    assert headers["webhook-id"] == "msg_42"
+    assert Webhook(SECRET).verify(body, headers) == PAYLOAD
+    wrong = "whsec_" + base64.b64encode(b"another secret of 32 bytes......").decode()
+    with pytest.raises(WebhookVerificationError):
+        Webhook(wrong).verify(body, headers)
+
+
+def test_delivery_without_a_secret_is_unsigned(receiver) -> None:
+    base, received = receiver
+
+    assert send(f"{base}/ok", secret=None) == 200
+
+    [(_, headers, _)] = received
+    assert "webhook-signature" not in {k.lower() for k in headers}
+    assert headers["webhook-id"] == "msg_42"
+
+
+def test_server_error_is_a_retryable_failure(receiver) -> None:
+    base, _ = receiver
+    with pytest.raises(CallbackFailed, match="500") as caught:
+        send(f"{base}/fail")
+    assert caught.value.status == 500
+
+
+def test_redirect_is_a_failure_and_not_followed(receiver) -> None:
+    base, received = receiver
+
+    with pytest.raises(CallbackFailed, match="redirect") as caught:
+        send(f"{base}/redirect")
+
+    assert caught.value.status == 302
+    assert [path for path, _, _ in received] == ["/redirect"]
+
+
+def test_connection_refused_is_a_retryable_failure() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(CallbackFailed, match="ConnectError") as caught:
+        send(f"http://127.0.0.1:{port}/ok")
+    assert caught.value.status is None
+
+
+def test_timeout_is_a_retryable_failure(receiver) -> None:
+    base, _ = receiver
+    with pytest.raises(CallbackFailed, match="Timeout"):
+        send(f"{base}/slow", timeout_s=0.2)
+
+
+def test_private_target_is_refused_at_delivery_time(receiver) -> None:
+    base, received = receiver
+    with pytest.raises(CallbackRefused):
+        deliver(f"{base}/ok", PAYLOAD, msg_id="m", secret=SECRET, timeout_s=5, allowlist=[])
+    assert received == []
+
+
+def test_callback_failed_survives_pickling() -> None:
+    copy = pickle.loads(pickle.dumps(CallbackFailed("answered 503", 503)))
+    assert (str(copy), copy.status) == ("answered 503", 503)

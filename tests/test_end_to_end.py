@@ -1,0 +1,221 @@
+"""The walking skeleton end to end: producer -> Redis -> worker process -> S3 -> record.
+
+Everything here talks to the session's real stack (tests/conftest.py): redis-server and
+moto's S3 server on loopback ports, ``refinery worker`` subprocesses.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+import standardwebhooks
+from standardwebhooks.webhooks import WebhookVerificationError
+from PIL import Image
+
+from producer.local_stack import wait_until
+from shared.errors import CallbackRefused, InvalidInput
+from shared.images import TRAINED_ALGORITHMIC_MEDIA, read_provenance
+from shared.jobs import JobState
+
+pytestmark = pytest.mark.integration
+
+SIZE = 64
+
+
+def _pixels(data: bytes) -> bytes:
+    return Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+
+def _refinery(stack, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "producer", *args], env=stack.env, capture_output=True, text=True, timeout=120)
+
+
+def test_generate_lands_in_s3_with_provenance(client):
+    record = client.submit_generate("portrait of a woman with freckles", seed=11, width=96, height=64, keep_raw=True).wait(60)
+
+    assert record.state is JobState.succeeded, record.error
+    assert record.attempts == 1
+    assert record.generator == "tiny-schnell" and record.refiner == "identity"
+    assert record.result.uri.endswith(f"/jobs/{record.job_id}/refined.png")
+    data = client.storage.get(record.result.uri)
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG" and image.size == (96, 64)
+    provenance = read_provenance(data)
+    assert provenance["job_id"] == record.job_id
+    assert provenance["seed"] == "11"
+    assert provenance["digital_source_type"] == TRAINED_ALGORITHMIC_MEDIA
+    # The presigned URL serves the same object without credentials.
+    assert httpx.get(record.result.url).content == data
+    assert record.result.raw_uri.endswith("/raw.png")
+
+
+def test_same_seed_same_image_and_seed_recorded_when_absent(client):
+    first = client.submit_generate("portrait of an old man", seed=5, width=SIZE, height=SIZE).wait(60)
+    second = client.submit_generate("portrait of an old man", seed=5, width=SIZE, height=SIZE).wait(60)
+    other = client.submit_generate("portrait of an old man", seed=6, width=SIZE, height=SIZE).wait(60)
+    drawn = client.submit_generate("portrait of an old man", width=SIZE, height=SIZE).wait(60)
+
+    images = [_pixels(client.storage.get(r.result.uri)) for r in (first, second, other)]
+    assert images[0] == images[1]
+    assert images[0] != images[2]
+    assert drawn.state is JobState.succeeded and drawn.seed is not None and drawn.spec.seed is None
+
+
+def test_output_formats(client):
+    for fmt, pil_name in (("webp", "WEBP"), ("jpeg", "JPEG")):
+        record = client.submit_generate("portrait", seed=1, width=SIZE, height=SIZE, output_format=fmt).wait(60)
+        data = client.storage.get(record.result.uri)
+        assert Image.open(io.BytesIO(data)).format == pil_name
+        assert read_provenance(data)["job_id"] == record.job_id
+
+
+def test_refine_only_from_s3_object(client):
+    source = Image.new("RGB", (80, 48), (120, 90, 60))
+    buffer = io.BytesIO()
+    source.save(buffer, "PNG")
+    uri = f"s3://{client.settings.s3_bucket}/uploads/face.png"
+    client.storage.put(uri, buffer.getvalue(), "image/png")
+
+    record = client.submit_refine(input_uri=uri).wait(60)
+
+    assert record.state is JobState.succeeded, record.error
+    refined = client.storage.get(record.result.uri)
+    # The untrained refiner is the identity: the same pixels come back.
+    assert _pixels(refined) == source.tobytes()
+    assert (record.result.width, record.result.height) == (80, 48)
+    assert "load_input" in record.timings_ms and "generate" not in record.timings_ms
+
+
+def test_refine_only_from_file_through_cli(stack, client, tmp_path):
+    path = tmp_path / "face.jpg"
+    Image.new("RGB", (64, 64), (200, 150, 120)).save(path, "JPEG")
+
+    done = _refinery(stack, "submit", "refine", "--file", str(path), "--format", "webp", "--wait", "--timeout", "60", "--json")
+
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["state"] == "succeeded" and record["kind"] == "refine_only"
+    # The inline upload went to the job's own prefix.
+    assert record["spec"]["input_uri"].endswith(f"/jobs/{record['job_id']}/input")
+    assert Image.open(io.BytesIO(client.storage.get(record["result"]["uri"]))).format == "WEBP"
+
+
+def test_failed_job_has_error_code_and_worker_keeps_serving(client):
+    missing = client.submit_refine(input_uri=f"s3://{client.settings.s3_bucket}/uploads/missing.png").wait(60)
+    not_image = f"s3://{client.settings.s3_bucket}/uploads/not-an-image.png"
+    client.storage.put(not_image, b"this is not a png", "image/png")
+    garbage = client.submit_refine(input_uri=not_image).wait(60)
+    after = client.submit_generate("portrait", seed=2, width=SIZE, height=SIZE).wait(60)
+
+    assert missing.state is JobState.failed and missing.error.code == "input_not_found"
+    assert garbage.state is JobState.failed and garbage.error.code == "invalid_image"
+    assert after.state is JobState.succeeded
+
+
+def test_idempotency_key_returns_the_same_job(client):
+    first = client.submit_generate("portrait", seed=3, width=SIZE, height=SIZE, idempotency_key="order-42")
+    again = client.submit_generate("portrait", seed=3, width=SIZE, height=SIZE, idempotency_key="order-42")
+
+    assert again.job_id == first.job_id
+    record = first.wait(60)
+    assert record.state is JobState.succeeded and record.attempts == 1
+
+
+def test_cancelled_queued_job_never_runs(client):
+    # The solo worker runs one job at a time: while the blocker runs, the next job waits.
+    blocker = client.submit_generate("portrait", seed=4, width=1024, height=1024)
+    while blocker.status().state is JobState.queued:
+        pass
+    queued = client.submit_generate("portrait", seed=4, width=SIZE, height=SIZE)
+    cancelled = queued.cancel()
+    after = client.submit_generate("portrait", seed=4, width=SIZE, height=SIZE).wait(120)
+
+    assert cancelled.state is JobState.cancelled
+    assert after.state is JobState.succeeded and blocker.status().state is JobState.succeeded
+    final = queued.status()
+    assert final.state is JobState.cancelled and final.attempts == 0 and final.started_at is None
+    listed = client.storage.client.list_objects_v2(Bucket=client.settings.s3_bucket, Prefix=f"{client.settings.s3_prefix}/jobs/{queued.job_id}/")
+    assert listed.get("KeyCount", 0) == 0
+
+
+def test_signed_callback_on_terminal_state(client, receiver):
+    record = client.submit_generate("portrait", seed=8, width=SIZE, height=SIZE, callback_url=f"{receiver.url}/hooks?x=1", metadata={"order": 7}).wait(60)
+
+    path, headers, body = receiver.next(timeout=60)
+    assert path == "/hooks?x=1"
+    secret = client.settings.callback_secret.get_secret_value()
+    payload = standardwebhooks.Webhook(secret).verify(body, headers)
+    assert payload["type"] == "job.succeeded"
+    assert payload["data"]["job_id"] == record.job_id
+    assert payload["data"]["spec"]["metadata"] == {"order": 7}
+    with pytest.raises(WebhookVerificationError):
+        standardwebhooks.Webhook("whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=").verify(body, headers)
+    # The delivery outcome is recorded on the job, right after the receiver answered.
+    wait_until(lambda: client.status(record.job_id).callback is not None, timeout_s=10, what="callback status")
+    delivered = client.status(record.job_id)
+    assert delivered.callback.delivered and delivered.callback.last_status == 204 and delivered.callback.attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x" * 2001}, "prompt"),
+        ({"prompt": "ok", "width": 100}, "width"),
+        ({"prompt": "ok", "height": 4096}, "height"),
+        ({"prompt": "ok", "seed": -1}, "seed"),
+        ({"prompt": "ok", "steps": 0}, "steps"),
+        ({"prompt": "ok", "output_format": "gif"}, "output_format"),
+        ({"prompt": "ok", "colour": "red"}, "colour"),
+        ({"prompt": "ok", "callback_url": "ftp://example.com/x"}, "callback_url"),
+    ],
+)
+def test_invalid_input_is_refused_at_submit_naming_the_field(client, fields, field):
+    prompt = fields.pop("prompt")
+    with pytest.raises(InvalidInput) as error:
+        client.submit_generate(prompt, **fields)
+    assert error.value.field == field
+
+
+def test_private_callback_url_refused_at_submit(client):
+    with pytest.raises(CallbackRefused) as error:
+        client.submit_generate("portrait", width=SIZE, height=SIZE, callback_url="http://169.254.169.254/latest")
+    assert error.value.field == "callback_url"
+
+
+def test_cli_reports_invalid_input_with_field_and_exit_code(stack):
+    done = _refinery(stack, "submit", "generate", "--prompt", "ok", "--width", "100", "--json")
+    assert done.returncode == 2
+    assert "error [invalid_input] width:" in done.stderr
+    assert done.stdout == ""
+
+
+def test_cli_submit_wait_status_json(stack):
+    submitted = _refinery(stack, "submit", "generate", "--prompt", "portrait", "--seed", "9", "--width", "64", "--height", "64", "--json")
+    job_id = json.loads(submitted.stdout)["job_id"]
+    waited = _refinery(stack, "wait", job_id, "--timeout", "60", "--json")
+    status = _refinery(stack, "status", job_id, "--json")
+
+    record = json.loads(waited.stdout)
+    assert record["state"] == "succeeded" and record["seed"] == 9
+    assert json.loads(status.stdout)["result"] == record["result"]
+    assert {"job_id", "kind", "state", "attempts", "result", "timings_ms", "error"} <= record.keys()
+
+
+def test_timings_add_up(client):
+    record = client.submit_generate("portrait", seed=10, width=SIZE, height=SIZE).wait(60)
+    t = record.timings_ms
+
+    assert {"queue_wait", "generate", "refine", "encode", "upload", "total"} <= t.keys()
+    stages = sum(v for k, v in t.items() if k != "total")
+    assert all(v >= 0 for v in t.values())
+    assert stages <= t["total"]
+    # The total is the record's own clock: created -> finished.
+    assert t["total"] == pytest.approx((record.finished_at - record.created_at).total_seconds() * 1000, abs=1)
+    queue_wait = (record.started_at - record.created_at).total_seconds() * 1000
+    assert t["queue_wait"] == pytest.approx(queue_wait, abs=1)

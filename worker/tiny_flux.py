@@ -1,0 +1,234 @@
+"""Tiny FLUX pipelines: offline test doubles for ``tiny-schnell`` and ``tiny-dev``.
+
+No model hub is reachable here, so tests and the demo run the real diffusers
+``FluxPipeline`` code path on pipelines built from tiny configs with seeded random weights.
+They are structured like the real pair: one VAE, CLIP + T5 text encoders and tokenizers
+shared by both, and separate transformers (dev's with guidance embeddings). That shared
+structure is what gives the pair a consistent, learnable gap for the refiner. Their images
+are random-weight noise patterns, not portraits.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+# Fixed seeds: building twice (in any process) gives identical weights.
+SHARED_SEED = 1234
+TRANSFORMER_SEEDS = {"tiny-schnell": 2001, "tiny-dev": 2002}
+
+HIDDEN = 32  # CLIP hidden size = T5 d_model = the transformer's text dims
+LATENT_CHANNELS = 16  # as real FLUX's VAE
+CLIP_MAX_LENGTH = 77  # the pipeline pads CLIP input to the tokenizer's model_max_length
+T5_MAX_LENGTH = 512
+
+# Special tokens first, in T5's order (pad 0, eos 1, unk 2); CLIP pools at the first </s>.
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<s>"]
+
+# Words a portrait prompt is made of; anything else becomes <unk>.
+PORTRAIT_WORDS = """
+a an the of with and in on at for by from to or her his their is are wearing looking
+person people man woman men women boy girl male female nonbinary androgynous
+baby infant child kid teen teenager young adult middle aged elderly old senior year years age
+african american asian east south southeast european caucasian white black hispanic latino
+latina latinx middle eastern arab indian pakistani bangladeshi chinese japanese korean
+vietnamese filipino thai indonesian indigenous native pacific islander mixed race nordic
+scandinavian mediterranean slavic irish italian greek turkish persian ethiopian nigerian
+kenyan ghanaian brazilian mexican
+hair hairstyle short long medium shoulder length bald balding buzz cut crew pixie bob
+ponytail bun braid braids braided curly wavy straight coily kinky afro dreadlocks locs
+shaved undercut fringe bangs messy tousled slicked back parted side blonde blond brunette
+brown red ginger auburn gray grey silver dyed highlights beard bearded stubble mustache
+moustache goatee clean shaven sideburns eyebrows eyelashes
+skin complexion fair pale light olive tan tanned dark deep freckles freckled wrinkles
+wrinkled smooth pores texture blemishes acne scar mole dimples rosy cheeks weathered
+glowing oily dry makeup lipstick eyeliner mascara natural
+eyes eye hazel amber iris catchlight catchlights glasses eyeglasses sunglasses spectacles
+round square oval face facial features jawline chin nose lips mouth teeth forehead ears
+earrings piercing ring tattoo tattoos freckle
+expression smiling smile grinning laughing serious neutral calm pensive thoughtful sad
+happy joyful confident shy surprised angry stern relaxed gentle soft warm friendly away
+gaze contact closed open slight subtle
+shirt t tshirt blouse sweater hoodie jacket leather denim coat suit tie blazer dress
+turtleneck scarf hat cap beanie hijab headscarf turban uniform lab scrubs apron vest
+collar button collared casual formal business knitted wool cotton silk linen patterned
+striped plain necklace
+orange yellow green blue navy purple violet pink beige cream gold teal maroon colorful
+lighting lit hard daylight sunlight sunlit golden hour window studio rim key fill
+butterfly rembrandt split loop dramatic diffuse diffused overcast cinematic moody low high
+contrast shadows shadow backlit backlight cool neon candlelight ambient softbox flash
+photo photograph photography portrait headshot close closeup up shot shoulders head bust
+upper body half full camera lens mm f aperture bokeh depth field shallow sharp focus
+detailed detail resolution 4k 8k dslr mirrorless canon nikon sony fujifilm leica kodak
+portra film grain analog raw hdr realistic photorealistic hyperrealistic professional
+candid editorial fashion magazine quality
+background backdrop solid seamless blurred blurry outdoor outdoors indoor indoors street
+city urban park garden forest beach office cafe library kitchen room wall brick wood
+concrete sky sunset night trees nature mountains
+"""
+PUNCTUATION = list(",.-/:;()'\"!?&+")
+NUMBERS = [str(n) for n in range(100)] + ["105", "135", "200"]
+
+
+def _vocab() -> dict[str, int]:
+    # dict.fromkeys keeps first occurrences in order, so ids never depend on set ordering.
+    tokens = dict.fromkeys([*SPECIAL_TOKENS, *PORTRAIT_WORDS.split(), *PUNCTUATION, *NUMBERS])
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def _tokenizer(vocab: dict[str, int], template: str, max_length: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    # Split on whitespace, then every punctuation mark on its own ("25-year-old", "f/1.8").
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    # An explicit </s> at the end: CLIP pools at it and T5 is trained with it.
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, vocab[t]) for t in ("<s>", "</s>")]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=max_length,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        bos_token="<s>",
+    )
+
+
+def _shared_components() -> dict:
+    vocab = _vocab()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        # Four blocks: a VAE scale factor of 8, like real FLUX.
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=LATENT_CHANNELS,
+        sample_size=64,
+        # Real FLUX's VAE: no quant convs, and its latent scaling and shift.
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            projection_dim=HIDDEN,
+            hidden_act="gelu",
+            pad_token_id=vocab["<pad>"],
+            bos_token_id=vocab["<s>"],
+            eos_token_id=vocab["</s>"],
+        )
+    )
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(vocab),
+            d_model=HIDDEN,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
+            pad_token_id=vocab["<pad>"],
+            eos_token_id=vocab["</s>"],
+            decoder_start_token_id=vocab["<pad>"],
+        )
+    )
+    return {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": _tokenizer(vocab, "<s> $A </s>", CLIP_MAX_LENGTH),
+        "tokenizer_2": _tokenizer(vocab, "$A </s>", T5_MAX_LENGTH),
+    }
+
+
+def _transformer(guidance_embeds: bool) -> FluxTransformer2DModel:
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,  # the pipeline packs latents into 2x2 patches
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=HIDDEN,
+        pooled_projection_dim=HIDDEN,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    )
+
+
+def _scheduler(name: str) -> FlowMatchEulerDiscreteScheduler:
+    # The real checkpoints' scheduler configs: schnell a fixed shift, dev resolution-dependent.
+    if name == "tiny-schnell":
+        return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def _seeded(seed: int, build):
+    # fork_rng: seeding must not disturb the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def build_tiny_pipeline(name: str) -> FluxPipeline:
+    """Build ``tiny-schnell`` or ``tiny-dev`` in memory, identically on every call."""
+    if name not in TRANSFORMER_SEEDS:
+        raise ValueError(f"not a tiny preset: {name!r} (expected one of {sorted(TRANSFORMER_SEEDS)})")
+    shared = _seeded(SHARED_SEED, _shared_components)
+    transformer = _seeded(TRANSFORMER_SEEDS[name], lambda: _transformer(guidance_embeds=name == "tiny-dev"))
+    pipe = FluxPipeline(scheduler=_scheduler(name), transformer=transformer, **shared)
+    # Built from configs, modules start in training mode: T5's dropout would make
+    # the same seed give different images.
+    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
+        module.eval()
+    return pipe
+
+
+def ensure_tiny_pipeline_saved(name: str, cache_dir: Path) -> Path:
+    """Save the tiny pipeline ``name`` under ``cache_dir / name`` once; return that path.
+
+    Written into a temporary directory beside the target and renamed into place, so a
+    process racing this one sees either no directory or a complete one.
+    """
+    target = Path(cache_dir) / name
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build_tiny_pipeline(name).save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process renamed its complete copy first; theirs is as good as ours.
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
