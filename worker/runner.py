@@ -145,6 +145,7 @@ class JobRunner:
                     height=spec.height,
                     steps=spec.steps or preset.steps,
                     guidance=preset.guidance if spec.guidance is None else spec.guidance,
+                    max_sequence_length=preset.max_sequence_length,
                 )
             refine, keep_raw, source_type = spec.refine, spec.keep_raw, TRAINED_ALGORITHMIC_MEDIA
         else:

@@ -3,9 +3,9 @@
 No model hub is reachable here, so tests and the demo run the real diffusers
 ``FluxPipeline`` code path on pipelines built from tiny configs with seeded random weights.
 They are structured like the real pair: one VAE, CLIP + T5 text encoders and tokenizers
-shared by both, and separate transformers (dev's with guidance embeddings). That shared
-structure is what gives the pair a consistent, learnable gap for the refiner. Their images
-are random-weight noise patterns, not portraits.
+shared by both, and separate transformers (dev's with guidance embeddings), so the
+student/teacher difference comes from the transformer alone, as it does for the real pair.
+Their images are random-weight noise patterns, not portraits.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-# Fixed seeds: building twice (in any process) gives identical weights.
+# Fixed seeds: building twice (in any process, same library versions) gives identical weights.
 SHARED_SEED = 1234
 TRANSFORMER_SEEDS = {"tiny-schnell": 2001, "tiny-dev": 2002}
 
@@ -189,9 +190,15 @@ def _scheduler(name: str) -> FlowMatchEulerDiscreteScheduler:
     )
 
 
+# Module initialisers draw from torch's global RNG, so two builds in threads (a Celery
+# threads pool loading schnell and dev) would interleave draws and get different weights.
+# The generation path never uses the global RNG (it takes explicit generators).
+_BUILD_LOCK = threading.Lock()
+
+
 def _seeded(seed: int, build):
     # fork_rng: seeding must not disturb the caller's global RNG stream.
-    with torch.random.fork_rng(devices=[]):
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
 
@@ -214,7 +221,8 @@ def ensure_tiny_pipeline_saved(name: str, cache_dir: Path) -> Path:
     """Save the tiny pipeline ``name`` under ``cache_dir / name`` once; return that path.
 
     Written into a temporary directory beside the target and renamed into place, so a
-    process racing this one sees either no directory or a complete one.
+    process racing this one sees either no directory or a complete one. An existing
+    directory is trusted as is: delete it after changing the configs in this module.
     """
     target = Path(cache_dir) / name
     if target.is_dir():

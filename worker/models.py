@@ -1,0 +1,106 @@
+"""The model registry: load FLUX pipelines by preset and generate seeded batches.
+
+Every preset, tiny test doubles included, goes through ``FluxPipeline.from_pretrained``,
+so tests exercise the loading path production uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline
+
+from worker.presets import Preset
+from worker.tiny_flux import ensure_tiny_pipeline_saved
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# What FLUX.1-schnell and FLUX.1-dev have in common: a worker holding both keeps one copy.
+SHARED_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        # bf16 is what FLUX ships in; CPUs run it slowly, so fp32 there.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[setting]
+    except KeyError:
+        raise ValueError(f"unknown dtype {setting!r}; expected auto or one of {', '.join(_DTYPES)}") from None
+
+
+def load_pipeline(
+    preset: Preset,
+    *,
+    model_path: str | None,
+    cache_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    share_from: FluxPipeline | None = None,
+) -> FluxPipeline:
+    """Load ``preset`` onto ``device``; ``share_from`` lends its VAE, text encoders and tokenizers.
+
+    ``model_path`` overrides a real preset's hub id; the tiny presets ignore it, being
+    built locally into ``cache_dir`` and loaded from there without touching the hub.
+    """
+    if preset.tiny:
+        source, hub = ensure_tiny_pipeline_saved(preset.name, cache_dir), {"local_files_only": True}
+    else:
+        source, hub = model_path or preset.model_id, {}
+    # Components passed by name are used as given instead of being loaded again.
+    shared = {name: getattr(share_from, name) for name in SHARED_COMPONENTS} if share_from else {}
+    pipe = FluxPipeline.from_pretrained(source, torch_dtype=dtype, **shared, **hub)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(
+    pipe: FluxPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float,
+    max_sequence_length: int,
+) -> torch.Tensor:
+    """One pipeline call for the batch; returns float32 CPU images (B, 3, H, W) in [0, 1]."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    # One CPU generator per image: a seed draws the same initial noise on every device
+    # and whatever else is in the batch.
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    images = pipe(
+        prompt=prompts,
+        generator=generators,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        max_sequence_length=max_sequence_length,
+        output_type="pt",
+    ).images
+    return images.float().cpu()
+
+
+def warm_up(pipe: FluxPipeline, preset: Preset) -> None:
+    """One smallest-size, one-step call, so the first job does not pay for lazy initialisation."""
+    generate(
+        pipe,
+        ["warm-up"],
+        [0],
+        width=preset.min_size,
+        height=preset.min_size,
+        steps=1,
+        guidance=preset.guidance,
+        max_sequence_length=preset.max_sequence_length,
+    )

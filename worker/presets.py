@@ -1,0 +1,46 @@
+"""Model presets: which FLUX pipeline a worker loads and how it samples by default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.errors import InvalidInput
+from shared.jobs import MIN_SIZE, MIN_SIZE_TINY
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    # Hub id or local path for FluxPipeline.from_pretrained; None for the tiny presets,
+    # which are built locally by worker.tiny_flux and never fetched.
+    model_id: str | None
+    steps: int
+    guidance: float
+    tiny: bool
+    # T5 tokens per prompt: schnell was distilled with 256, dev uses 512.
+    max_sequence_length: int
+    # Smallest width/height the preset is used at (the job contract's limits).
+    min_size: int
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset("flux-schnell", "black-forest-labs/FLUX.1-schnell", 4, 0.0, False, 256, MIN_SIZE),
+        Preset("flux-dev", "black-forest-labs/FLUX.1-dev", 28, 3.5, False, 512, MIN_SIZE),
+        # Offline test doubles of the pair above: same FluxPipeline class, tiny random
+        # weights (worker/tiny_flux.py). Their images are not portraits. 77 tokens, like
+        # the CLIP window, so both text encoders see the same prompt.
+        Preset("tiny-schnell", None, 4, 0.0, True, 77, MIN_SIZE_TINY),
+        Preset("tiny-dev", None, 28, 3.5, True, 77, MIN_SIZE_TINY),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise InvalidInput(
+            f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}", field="preset"
+        ) from None
