@@ -61,7 +61,7 @@ def load_refiner(
                 "(expected a directory written by RefinerUNet.save_pretrained)"
             )
         network = RefinerUNet.from_pretrained(
-            path, torch_dtype=dtype, use_safetensors=True, local_files_only=True
+            path, dtype=dtype, use_safetensors=True, local_files_only=True
         )
         with (path / WEIGHTS_NAME).open("rb") as weights:
             digest = hashlib.file_digest(weights, "sha256").hexdigest()

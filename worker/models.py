@@ -56,7 +56,7 @@ def load_pipeline(
         source, hub = model_path or preset.model_id, {}
     # Components passed by name are used as given instead of being loaded again.
     shared = {name: getattr(share_from, name) for name in SHARED_COMPONENTS} if share_from else {}
-    pipe = FluxPipeline.from_pretrained(source, torch_dtype=dtype, **shared, **hub)
+    pipe = FluxPipeline.from_pretrained(source, dtype=dtype, **shared, **hub)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
