@@ -18,9 +18,9 @@ from functools import cached_property
 from typing import Any
 
 from shared import keys
-from shared.broker import make_celery
+from shared.broker import make_celery, queue_depth
 from shared.callbacks import check_callback_url
-from shared.errors import InvalidImage
+from shared.errors import InvalidImage, QueueFull
 from shared.images import decode_image
 from shared.jobs import GenerateSpec, JobKind, JobRecord, RefineSpec, build_spec, check_size_for_preset
 from shared.settings import Settings, get_settings
@@ -86,12 +86,25 @@ class Client:
     def _submit(self, spec: GenerateSpec | RefineSpec, *, seed: int | None = None, job_id: str | None = None) -> JobHandle:
         if spec.callback_url:
             check_callback_url(spec.callback_url, self.settings.callback_allowlist)
+        queue = self._queue(spec)
+        self._admit(queue)
         record = JobRecord(job_id=job_id or uuid.uuid4().hex, kind=spec.kind, spec=spec, seed=seed)
         record, created = self.store.create(record, spec.idempotency_key)
         if created:
             # The record exists before the message, so a worker always finds what it is sent.
-            self.celery.send_task(_TASKS[spec.kind], args=[record.job_id], task_id=record.job_id)
+            self.celery.send_task(
+                _TASKS[spec.kind], args=[record.job_id], task_id=record.job_id, queue=queue, priority=spec.priority.rank
+            )
         return JobHandle(record.job_id, self)
+
+    def _queue(self, spec: GenerateSpec | RefineSpec) -> str:
+        return self.settings.queue_generate if spec.kind is JobKind.generate_and_refine else self.settings.queue_refine
+
+    def _admit(self, queue: str) -> None:
+        """Refuse new work rather than let latency grow without bound."""
+        limit = self.settings.max_queue_depth
+        if limit and (depth := queue_depth(self.store.redis, queue)) >= limit:
+            raise QueueFull(f"queue {queue!r} holds {depth} jobs (limit {limit}); retry later", field="queue")
 
     def handle(self, job_id: str) -> JobHandle:
         return JobHandle(job_id, self)

@@ -6,15 +6,39 @@ broker carries JSON only (pickle is not accepted).
 
 from __future__ import annotations
 
+import redis
 from celery import Celery
 
 from shared import keys
 from shared.settings import Settings
 
+# Celery's Redis transport keeps one list per priority step: "<queue>" for 0 and
+# "<queue>\x06\x16<step>" for the others, and serves lower steps first. Pinned here
+# (rather than left to kombu's defaults) because queue_depth and foreign producers rely on it.
+PRIORITY_STEPS = [0, 3, 6, 9]
+PRIORITY_SEPARATOR = "\x06\x16"
+
+
+def queue_lists(queue: str) -> list[str]:
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
+
+
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in ``queue``, all priorities together."""
+    with client.pipeline(transaction=False) as pipe:
+        for name in queue_lists(queue):
+            pipe.llen(name)
+        return sum(pipe.execute())
+
 
 def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
     app = Celery("face_refinery", broker=settings.redis_url, include=include or [])
-    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    transport = {
+        "visibility_timeout": settings.visibility_timeout_s,
+        "priority_steps": PRIORITY_STEPS,
+        "sep": PRIORITY_SEPARATOR,
+        "queue_order_strategy": "priority",
+    }
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -51,3 +51,9 @@ class StorageUnavailable(RefineryError):
     """S3 could not be reached or refused the request."""
 
     code = "storage_unavailable"
+
+
+class QueueFull(RefineryError):
+    """Admission control: the queue is deeper than the configured limit; retry later."""
+
+    code = "queue_full"

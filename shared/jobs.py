@@ -7,7 +7,7 @@ the offending field named. The record is what Redis stores and what ``status`` r
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -41,6 +41,17 @@ class JobState(StrEnum):
         return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
 
 
+class Priority(StrEnum):
+    high = "high"
+    normal = "normal"
+    low = "low"
+
+    @property
+    def rank(self) -> int:
+        """Broker priority: Celery's Redis transport serves lower numbers first."""
+        return {"high": 0, "normal": 3, "low": 6}[self.value]
+
+
 class OutputFormat(StrEnum):
     png = "png"
     webp = "webp"
@@ -68,6 +79,9 @@ class _JobSpec(BaseModel):
     callback_url: str | None = Field(None, max_length=2048)
     idempotency_key: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[\w.:\-]+$")
     metadata: dict[str, Any] = Field(default_factory=dict)
+    priority: Priority = Priority.normal
+    # Seconds after submit; a job still queued by then fails with "expired" instead of running.
+    deadline_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
 
     @field_validator("callback_url")
     @classmethod
@@ -177,6 +191,7 @@ class JobRecord(BaseModel):
     spec: JobSpec
     seed: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
     attempts: int = 0
@@ -184,7 +199,9 @@ class JobRecord(BaseModel):
     generator: str | None = None  # the preset that generated the image
     refiner: str | None = None  # which refiner ran ("identity" when none is configured)
     result: JobResult | None = None
-    # Milliseconds per stage: queue_wait, load_input, generate, refine, encode, upload, total.
+    batch_size: int | None = None  # how many jobs shared its model call
+    # Milliseconds per stage: queue_wait, load_input, batch_wait, generate, refine, encode,
+    # upload, total. generate and refine are those of the whole batch the job ran in.
     timings_ms: dict[str, float] = Field(default_factory=dict)
     error: JobError | None = None
     callback: CallbackStatus | None = None
@@ -192,4 +209,6 @@ class JobRecord(BaseModel):
     @model_validator(mode="after")
     def _kind_matches_spec(self) -> JobRecord:
         assert self.kind == self.spec.kind, "record kind and spec kind disagree"
+        if self.spec.deadline_s is not None and self.expires_at is None:
+            self.expires_at = self.created_at + timedelta(seconds=self.spec.deadline_s)
         return self

@@ -52,6 +52,21 @@ class Settings(BaseSettings):
     refiner_path: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # For GPUs smaller than the model: move each component to the GPU only while it runs,
+    # and decode the VAE in tiles.
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+    # Make a job's image independent of the batch it ran in (bit-exact). "auto": on CPU,
+    # where it costs next to nothing; on CUDA, bf16 kernels differ by batch size anyway.
+    batch_invariant: Literal["auto", "on", "off"] = "auto"
+
+    # Dynamic batching: compatible jobs (same size, steps, guidance) share one model call.
+    max_batch: int = Field(4, ge=1)
+    # Per-resolution overrides, "WIDTHxHEIGHT=N" comma-separated, e.g. "1024x1024=2".
+    max_batch_by_size: Annotated[dict[str, int], NoDecode] = {}
+    max_wait_ms: float = Field(20.0, ge=0)
+    # Submit refuses with queue_full when a queue holds more jobs than this (0: no limit).
+    max_queue_depth: int = Field(10_000, ge=0)
 
     # Queues (one per model pool) and Celery worker behaviour.
     queue_generate: str = "generate"
@@ -81,6 +96,22 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("max_batch_by_size", mode="before")
+    @classmethod
+    def _sizes(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = (part.split("=") for part in _split_csv(value))
+            return {size.strip().lower(): int(n) for size, n in pairs}
+        return value
+
+    def max_batch_for(self, width: int, height: int) -> int:
+        return self.max_batch_by_size.get(f"{width}x{height}", self.max_batch)
+
+    @property
+    def worker_concurrency(self) -> int:
+        """Jobs a model worker holds at once: one batch running while the next one gathers."""
+        return 2 * max([self.max_batch, *self.max_batch_by_size.values()])
 
     @field_validator("model_cache_dir", "refiner_path", mode="after")
     @classmethod

@@ -126,23 +126,6 @@ def test_idempotency_key_returns_the_same_job(client):
     assert record.state is JobState.succeeded and record.attempts == 1
 
 
-def test_cancelled_queued_job_never_runs(client):
-    # The solo worker runs one job at a time: while the blocker runs, the next job waits.
-    blocker = client.submit_generate("portrait", seed=4, width=1024, height=1024)
-    while blocker.status().state is JobState.queued:
-        pass
-    queued = client.submit_generate("portrait", seed=4, width=SIZE, height=SIZE)
-    cancelled = queued.cancel()
-    after = client.submit_generate("portrait", seed=4, width=SIZE, height=SIZE).wait(120)
-
-    assert cancelled.state is JobState.cancelled
-    assert after.state is JobState.succeeded and blocker.status().state is JobState.succeeded
-    final = queued.status()
-    assert final.state is JobState.cancelled and final.attempts == 0 and final.started_at is None
-    listed = client.storage.client.list_objects_v2(Bucket=client.settings.s3_bucket, Prefix=f"{client.settings.s3_prefix}/jobs/{queued.job_id}/")
-    assert listed.get("KeyCount", 0) == 0
-
-
 def test_signed_callback_on_terminal_state(client, receiver):
     record = client.submit_generate("portrait", seed=8, width=SIZE, height=SIZE, callback_url=f"{receiver.url}/hooks?x=1", metadata={"order": 7}).wait(60)
 

@@ -10,9 +10,11 @@ from shared.settings import Settings
 
 
 def run_worker(settings: Settings, queues: list[str], *, loglevel: str = "INFO", name: str | None = None) -> None:
-    """Model queues run in the solo pool: one resident copy of the models, no fork after
-    CUDA is initialised, one job at a time. The callbacks queue runs in a thread pool of
-    its own process, so slow receivers never wait on (or hold up) the GPU."""
+    """Model queues run in Celery's thread pool: one process, so one resident copy of the
+    models and no fork after CUDA is initialised. Each delivered job has a thread for its
+    I/O (S3, Redis, encoding) and hands its model work to the one batcher thread
+    (worker/batcher.py). The callbacks queue runs in a worker process of its own, so slow
+    receivers never wait on (or hold up) the GPU."""
     model_queues = [q for q in queues if q in settings.model_queues]
     if model_queues and settings.queue_callbacks in queues:
         raise InvalidInput("run the callbacks queue in a worker of its own", field="queues")
@@ -26,14 +28,14 @@ def run_worker(settings: Settings, queues: list[str], *, loglevel: str = "INFO",
 
     if model_queues:
         tasks.configure_runner(settings, hostname, generator=settings.queue_generate in queues)
-        pool, concurrency = "solo", 1
+        concurrency = settings.worker_concurrency
     else:
-        pool, concurrency = "threads", settings.callback_concurrency
+        concurrency = settings.callback_concurrency
     app.worker_main(
         [
             "worker",
             f"--queues={','.join(queues)}",
-            f"--pool={pool}",
+            "--pool=threads",
             f"--concurrency={concurrency}",
             f"--hostname={hostname}",
             f"--loglevel={loglevel}",

@@ -1,7 +1,7 @@
-"""The models a worker keeps resident: its generator pipeline(s) and the refiner.
+"""The models a worker keeps resident: its generator pipeline and the refiner.
 
 Loaded once per worker process and warmed up before the worker takes jobs; jobs only
-ever borrow them.
+ever borrow them, through the batcher's single model thread.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from diffusers import FluxPipeline
 
 from refiner import Refiner, load_refiner
 from shared.settings import Settings
-from worker.models import load_pipeline, resolve_device, resolve_dtype, warm_up
+from worker.models import load_pipeline, make_batch_invariant, resolve_device, resolve_dtype, warm_up
 from worker.presets import Preset, get_preset
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ class ModelRegistry:
         self.preset: Preset = get_preset(settings.model_preset)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
+        mode = settings.batch_invariant
+        self.batch_invariant = mode == "on" or (mode == "auto" and self.device.type == "cpu")
         self.load_seconds: dict[str, float] = {}
 
     @cached_property
@@ -38,23 +40,36 @@ class ModelRegistry:
             cache_dir=self.settings.model_cache_dir,
             device=self.device,
             dtype=self.dtype,
+            cpu_offload=self.settings.cpu_offload,
+            vae_tiling=self.settings.vae_tiling,
         )
-        self.load_seconds[self.preset.name] = time.perf_counter() - started
+        if self.batch_invariant:
+            make_batch_invariant(pipe)
+        self.load_seconds[self.preset.name] = round(time.perf_counter() - started, 3)
         logger.info("loaded %s on %s (%s) in %.1f s", self.preset.name, self.device, self.dtype, self.load_seconds[self.preset.name])
         return pipe
 
     @cached_property
     def refiner(self) -> Refiner:
+        started = time.perf_counter()
         refiner = load_refiner(self.settings.refiner_path, self.device, self.dtype)
+        self.load_seconds["refiner"] = round(time.perf_counter() - started, 3)
         logger.info("loaded refiner %s", refiner.version)
         return refiner
+
+    def refine(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> refined, one call (or one per image when batch-invariant,
+        since convolution algorithms are chosen by batch size)."""
+        if self.batch_invariant:
+            return torch.cat([self.refiner(image) for image in images.split(1)])
+        return self.refiner(images)
 
     def warm_up(self, *, generator: bool) -> None:
         """Load (and run once) what this worker's queues need, before it consumes."""
         if generator:
             warm_up(self.pipeline, self.preset)
-        side = 32 if self.preset.tiny else 256
-        self.refiner(torch.zeros(1, 3, side, side))
+        side = self.preset.min_size
+        self.refine(torch.zeros(1, 3, side, side))
 
     def describe(self) -> dict[str, object]:
         info: dict[str, object] = {
@@ -62,9 +77,10 @@ class ModelRegistry:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "refiner": self.refiner.version,
+            "batch_invariant": self.batch_invariant,
             "load_seconds": self.load_seconds,
         }
         if self.device.type == "cuda":
-            info["gpu_memory_allocated_mb"] = torch.cuda.memory_allocated(self.device) / 2**20
-            info["gpu_memory_reserved_mb"] = torch.cuda.memory_reserved(self.device) / 2**20
+            info["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+            info["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.device)
         return info

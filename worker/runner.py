@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -28,7 +29,8 @@ from shared.jobs import GenerateSpec, JobError, JobRecord, JobResult, JobState, 
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore
-from worker.models import generate
+from worker.batcher import DynamicBatcher
+from worker.batches import GenerateItem, GenerateKey, ModelOutput, RefineKey
 from worker.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -61,11 +63,19 @@ class StageTimer:
             self.ms[stage] = round((time.perf_counter() - started) * 1000, 3)
 
 
+@dataclass
+class Outcome:
+    result: JobResult | None  # None when the job was cancelled while it ran
+    refiner: str | None  # the refiner version that ran, if any
+    batch_size: int
+
+
 class JobRunner:
     def __init__(
         self,
         settings: Settings,
         registry: ModelRegistry,
+        batcher: DynamicBatcher,
         store: JobStore,
         storage: Storage,
         notify: Callable[[str, str], None],
@@ -73,6 +83,7 @@ class JobRunner:
     ) -> None:
         self.settings = settings
         self.registry = registry
+        self.batcher = batcher
         self.store = store
         self.storage = storage
         self.notify = notify  # enqueues a callback: (job_id, event state)
@@ -82,81 +93,81 @@ class JobRunner:
         record, claimed = self._claim(job_id)
         if not claimed:
             logger.info("job %s: not run, it is %s", job_id, record.state.value)
-            if record.error and record.error.code == "worker_lost":
-                self._notify(record)
             return
         if self.settings.callback_on_running:
             self._notify(record)
         timer = StageTimer()
         timer.ms["queue_wait"] = round((record.started_at - record.created_at).total_seconds() * 1000, 3)
         try:
-            result, refiner = self._process(record, timer)
-            record = self._finish(job_id, JobState.succeeded, timer, result=result, refiner=refiner)
+            outcome = self._process(record, timer)
+            self._finish(job_id, JobState.succeeded, timer, outcome=outcome)
         except RefineryError as exc:
             logger.warning("job %s: failed with %s: %s", job_id, exc.code, exc)
             error = JobError(code=exc.code, message=exc.message, field=exc.field)
-            record = self._finish(job_id, JobState.failed, timer, error=error)
+            self._finish(job_id, JobState.failed, timer, error=error)
         except Exception as exc:  # the job boundary: one bad job must not stop the worker
             logger.exception("job %s: internal error", job_id)
             error = JobError(code="internal_error", message=f"{type(exc).__name__}: {exc}")
-            record = self._finish(job_id, JobState.failed, timer, error=error)
-        if record.state.terminal:
-            self._notify(record)
+            self._finish(job_id, JobState.failed, timer, error=error)
 
     def _notify(self, record: JobRecord) -> None:
         if record.spec.callback_url:
             self.notify(record.job_id, record.state.value)
 
     def _claim(self, job_id: str) -> tuple[JobRecord, bool]:
-        """Mark the job running under this worker; returns the record and whether we hold it."""
-        claimed = False
+        """Mark the job running under this worker; returns the record and whether we hold it.
+
+        A job past its deadline, or whose worker died in every earlier attempt, is failed
+        here instead (and its caller told): requeueing a job that kills its worker (out of
+        memory, say) would otherwise loop forever.
+        """
+        claimed = ended = False
 
         def start(record: JobRecord) -> JobRecord | None:
-            nonlocal claimed
+            nonlocal claimed, ended
+            claimed = ended = False  # the mutation may be retried after a concurrent write
             if record.state.terminal:
                 return None
-            if record.attempts >= self.settings.max_attempts:
-                # Every earlier delivery started and never finished: its worker died each
-                # time (out of memory, say). Requeueing it again would loop forever.
-                record.state = JobState.failed
-                record.finished_at = utcnow()
-                record.error = JobError(code="worker_lost", message=f"its worker died in all {record.attempts} attempts")
+            now = utcnow()
+            if record.expires_at is not None and now > record.expires_at:
+                error = JobError(code="expired", message=f"still queued at its deadline {record.expires_at.isoformat()}")
+            elif record.attempts >= self.settings.max_attempts:
+                error = JobError(code="worker_lost", message=f"its worker died in all {record.attempts} attempts")
+            else:
+                record.state, record.started_at, record.worker = JobState.running, now, self.worker_name
+                record.attempts += 1
+                claimed = True
                 return record
-            record.state = JobState.running
-            record.attempts += 1
-            record.started_at = utcnow()
-            record.worker = self.worker_name
-            claimed = True
+            record.state, record.finished_at, record.error = JobState.failed, now, error
+            ended = True
             return record
 
-        return self.store.update(job_id, start), claimed
+        record = self.store.update(job_id, start)
+        if ended:
+            logger.warning("job %s: failed with %s", job_id, record.error.code)
+            self._notify(record)
+        return record, claimed
 
-    def _process(self, record: JobRecord, timer: StageTimer) -> tuple[JobResult | None, str | None]:
-        """Returns the result (None when cancelled meanwhile) and the refiner version that ran."""
+    def _process(self, record: JobRecord, timer: StageTimer) -> Outcome:
         spec = record.spec
         if isinstance(spec, GenerateSpec):
             preset = self.registry.preset
-            with timer("generate"):
-                images = generate(
-                    self.registry.pipeline,
-                    [spec.prompt],
-                    [record.seed],
-                    width=spec.width,
-                    height=spec.height,
-                    steps=spec.steps or preset.steps,
-                    guidance=preset.guidance if spec.guidance is None else spec.guidance,
-                    max_sequence_length=preset.max_sequence_length,
-                )
-            refine, keep_raw, source_type = spec.refine, spec.keep_raw, TRAINED_ALGORITHMIC_MEDIA
+            steps = spec.steps or preset.steps
+            guidance = preset.guidance if spec.guidance is None else spec.guidance
+            key = GenerateKey(spec.width, spec.height, steps, guidance)
+            item = GenerateItem(spec.prompt, record.seed, spec.refine)
+            keep_raw, source_type = spec.keep_raw, TRAINED_ALGORITHMIC_MEDIA
         else:
-            images = self._load_input(spec, timer)
-            refine, keep_raw, source_type = True, False, ALGORITHMICALLY_ENHANCED
-        raw = images
-        if refine:
-            with timer("refine"):
-                images = self.registry.refiner(images)
+            image = self._load_input(spec, timer)  # (3, H, W)
+            key, item = RefineKey(image.shape[-1], image.shape[-2]), image
+            keep_raw, source_type = False, ALGORITHMICALLY_ENHANCED
+        # Blocks this job's thread until its batch has run on the model thread.
+        batched = self.batcher.submit(key, item, priority=spec.priority.rank)
+        output: ModelOutput = batched.result
+        timer.ms["batch_wait"] = round(batched.waited_s * 1000, 3)
+        timer.ms.update(output.timings_ms)
 
-        refiner = self.registry.refiner.version if refine else None
+        refiner = self.registry.refiner.version if output.refined is not None else None
         provenance = Provenance(
             job_id=record.job_id,
             generator=self.registry.preset.name if isinstance(spec, GenerateSpec) else None,
@@ -165,35 +176,37 @@ class JobRunner:
             digital_source_type=source_type,
         )
         fmt = spec.output_format
+        final = output.refined if output.refined is not None else output.raw
         with timer("encode"):
-            encoded = {"refined" if refine else "image": encode_image(to_pil(images[0]), fmt, provenance)}
-            if keep_raw and refine:
-                encoded["raw"] = encode_image(to_pil(raw[0]), fmt, provenance)
-
+            encoded = {"refined" if refiner else "image": encode_image(to_pil(final), fmt, provenance)}
+            if keep_raw and refiner:
+                encoded["raw"] = encode_image(to_pil(output.raw), fmt, provenance)
+        outcome = Outcome(None, refiner, batched.batch_size)
         if self.store.get(record.job_id).state is JobState.cancelled:
-            return None, refiner  # cancelled while running: publish nothing
+            return outcome  # cancelled while running: publish nothing
+
         with timer("upload"):
             uris = {
                 name: self.storage.put(self.storage.job_uri(record.job_id, f"{name}.{EXTENSIONS[fmt]}"), data, CONTENT_TYPES[fmt])
                 for name, data in encoded.items()
             }
         main_uri = uris.get("refined") or uris["image"]
-        height, width = images.shape[-2:]
-        return JobResult(
+        outcome.result = JobResult(
             uri=main_uri,
             url=self.storage.presign(main_uri),
             raw_uri=uris.get("raw"),
             raw_url=self.storage.presign(uris["raw"]) if "raw" in uris else None,
-            width=width,
-            height=height,
+            width=final.shape[-1],
+            height=final.shape[-2],
             format=fmt,
-        ), refiner
+        )
+        return outcome
 
     def _load_input(self, spec: RefineSpec, timer: StageTimer) -> torch.Tensor:
         with timer("load_input"):
             data = self.storage.get(spec.input_uri, max_bytes=self.settings.max_input_bytes)
             image = decode_image(data, max_bytes=self.settings.max_input_bytes, max_pixels=self.settings.max_input_pixels)
-        return to_tensor(image)
+        return to_tensor(image)[0]
 
     def _finish(
         self,
@@ -201,24 +214,29 @@ class JobRunner:
         state: JobState,
         timer: StageTimer,
         *,
-        result: JobResult | None = None,
-        refiner: str | None = None,
+        outcome: Outcome | None = None,
         error: JobError | None = None,
     ) -> JobRecord:
+        finished = False
+
         def finish(record: JobRecord) -> JobRecord | None:
+            nonlocal finished
             # Only the worker that holds the job finishes it; a cancel that came first wins.
             if record.state is not JobState.running or record.worker != self.worker_name:
                 return None
+            finished = True
             record.state = state
             record.finished_at = utcnow()
-            record.result = result
             record.error = error
             record.generator = self.registry.preset.name if record.kind == "generate_and_refine" else None
-            record.refiner = refiner
+            if outcome is not None:
+                record.result, record.refiner, record.batch_size = outcome.result, outcome.refiner, outcome.batch_size
             timer.ms["total"] = round((record.finished_at - record.created_at).total_seconds() * 1000, 3)
             record.timings_ms = timer.ms
             return record
 
         record = self.store.update(job_id, finish)
         logger.info("job %s: %s %s", job_id, record.state.value, record.timings_ms)
+        if finished:
+            self._notify(record)
         return record

@@ -28,14 +28,22 @@ def configure_runner(settings: Settings, worker_name: str, *, generator: bool) -
     """Load and warm the models before the worker consumes (``refinery worker`` calls this)."""
     global _runner
     from shared.storage import Storage
+    from worker.batcher import DynamicBatcher
+    from worker.batches import ModelWork
     from worker.registry import ModelRegistry
     from worker.runner import JobRunner
 
     registry = ModelRegistry(settings)
     registry.warm_up(generator=generator)
+    batcher = DynamicBatcher(
+        ModelWork(registry),
+        max_batch=lambda key: settings.max_batch_for(key.width, key.height),
+        max_wait_s=settings.max_wait_ms / 1000,
+    )
     _runner = JobRunner(
         settings,
         registry,
+        batcher,
         JobStore.from_settings(settings),
         Storage(settings),
         notify=lambda job_id, event: app.send_task(keys.TASK_CALLBACK, args=[job_id, event]),

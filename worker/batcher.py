@@ -1,0 +1,120 @@
+"""Dynamic batching across concurrently delivered jobs, as Triton's dynamic batcher does.
+
+A model worker runs Celery's thread pool: each delivered job runs in its own thread up to
+the point where it needs the model, then calls ``submit`` and blocks. One model thread
+gathers compatible requests (same key: preset, size, steps, guidance) until the batch is
+full or the oldest request has waited ``max_wait_s``, runs them as one call, and hands each
+thread its own result. Acknowledgement stays per job and late: every job's message is
+acked by its own thread after its result is stored, so a crash mid-batch loses nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# run_batch(key, items) -> one result per item, in order.
+RunBatch = Callable[[Hashable, list[Any]], Sequence[Any]]
+
+
+@dataclass(order=True)
+class _Request:
+    priority: int  # lower runs first
+    sequence: int  # then first come, first served
+    key: Hashable = field(compare=False)
+    item: Any = field(compare=False)
+    enqueued: float = field(compare=False)
+    done: threading.Event = field(default_factory=threading.Event, compare=False)
+    result: Any = field(default=None, compare=False)
+    error: BaseException | None = field(default=None, compare=False)
+    batch_size: int = field(default=0, compare=False)
+    waited_s: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True)
+class Batched:
+    """What ``submit`` returns: the item's result and how it was batched."""
+
+    result: Any
+    batch_size: int
+    waited_s: float  # time between submit and the start of its batch
+
+
+class DynamicBatcher:
+    def __init__(self, run_batch: RunBatch, *, max_batch: Callable[[Hashable], int], max_wait_s: float) -> None:
+        self.run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._pending: list[_Request] = []
+        self._cond = threading.Condition()
+        self._sequence = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="model-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: Hashable, item: Any, priority: int = 0) -> Batched:
+        """Block until the item has run in some batch; re-raises that batch's error."""
+        request = _Request(priority, next(self._sequence), key, item, time.monotonic())
+        with self._cond:
+            self._pending.append(request)
+            self._cond.notify()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return Batched(request.result, request.batch_size, request.waited_s)
+
+    def _next_batch(self) -> list[_Request]:
+        with self._cond:
+            while not self._pending:
+                self._cond.wait()
+            # The most urgent request decides the key; it waits at most max_wait_s for company.
+            first = min(self._pending)
+            limit = max(1, self.max_batch(first.key))
+            deadline = first.enqueued + self.max_wait_s
+            while (left := deadline - time.monotonic()) > 0 and self._count(first.key) < limit:
+                self._cond.wait(left)
+            batch = sorted(r for r in self._pending if r.key == first.key)[:limit]
+            for request in batch:
+                self._pending.remove(request)
+            return batch
+
+    def _count(self, key: Hashable) -> int:
+        return sum(1 for r in self._pending if r.key == key)
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            started = time.monotonic()
+            try:
+                results = self._run(batch[0].key, [r.item for r in batch])
+                for request, result in zip(batch, results, strict=True):
+                    request.result = result
+            except BaseException as exc:  # every waiting job gets the error; the loop goes on
+                logger.exception("batch of %d failed", len(batch))
+                for request in batch:
+                    request.error = exc
+            for request in batch:
+                request.batch_size = len(batch)
+                request.waited_s = started - request.enqueued
+                request.done.set()
+
+    def _run(self, key: Hashable, items: list[Any]) -> list[Any]:
+        try:
+            return list(self.run_batch(key, items))
+        except torch.OutOfMemoryError:
+            if len(items) == 1:
+                raise
+            # Halve and retry rather than failing every job of a batch that did not fit.
+            logger.warning("out of memory at batch %d; splitting in halves", len(items))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(items) // 2
+            return self._run(key, items[:half]) + self._run(key, items[half:])

@@ -1,0 +1,86 @@
+"""What the batcher's model thread runs: one generate call or one refine call per batch.
+
+Keys say which jobs may share a call: ``GenerateKey`` (size, steps, guidance) and
+``RefineKey`` (size). Each job gets back its own images and the batch's stage timings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from worker.models import generate
+from worker.registry import ModelRegistry
+
+
+@dataclass(frozen=True)
+class GenerateKey:
+    width: int
+    height: int
+    steps: int
+    guidance: float
+
+
+@dataclass(frozen=True)
+class RefineKey:
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class GenerateItem:
+    prompt: str
+    seed: int
+    refine: bool
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    raw: torch.Tensor  # (3, H, W) in [0, 1]: the generated or input image
+    refined: torch.Tensor | None  # (3, H, W), None when the job did not ask for refinement
+    timings_ms: dict[str, float]  # of the whole batch
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+class ModelWork:
+    """``run_batch`` for the DynamicBatcher, over the registry's resident models."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    def __call__(self, key: GenerateKey | RefineKey, items: list) -> list[ModelOutput]:
+        if isinstance(key, GenerateKey):
+            return self._generate(key, items)
+        return self._refine(items)
+
+    def _generate(self, key: GenerateKey, items: list[GenerateItem]) -> list[ModelOutput]:
+        started = time.perf_counter()
+        images = generate(
+            self.registry.pipeline,
+            [item.prompt for item in items],
+            [item.seed for item in items],
+            width=key.width,
+            height=key.height,
+            steps=key.steps,
+            guidance=key.guidance,
+            max_sequence_length=self.registry.preset.max_sequence_length,
+        )  # (B, 3, H, W)
+        timings = {"generate": _ms(started)}
+        wanted = [i for i, item in enumerate(items) if item.refine]
+        refined: dict[int, torch.Tensor] = {}
+        if wanted:
+            started = time.perf_counter()
+            refined = dict(zip(wanted, self.registry.refine(images[wanted]), strict=True))
+            timings["refine"] = _ms(started)
+        return [ModelOutput(images[i], refined.get(i), timings) for i in range(len(items))]
+
+    def _refine(self, items: list[torch.Tensor]) -> list[ModelOutput]:
+        started = time.perf_counter()
+        refined = self.registry.refine(torch.stack(items))
+        timings = {"refine": _ms(started)}
+        return [ModelOutput(raw, out, timings) for raw, out in zip(items, refined, strict=True)]
