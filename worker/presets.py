@@ -33,6 +33,8 @@ PRESETS: dict[str, Preset] = {
         # the CLIP window, so both text encoders see the same prompt.
         Preset("tiny-schnell", None, 4, 0.0, True, 77, MIN_SIZE_TINY),
         Preset("tiny-dev", None, 28, 3.5, True, 77, MIN_SIZE_TINY),
+        # A larger random-weight schnell double, sized for the throughput benchmark.
+        Preset("bench-schnell", None, 4, 0.0, True, 77, MIN_SIZE_TINY),
     )
 }
 

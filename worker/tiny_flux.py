@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,28 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast,
 
 # Fixed seeds: building twice (in any process, same library versions) gives identical weights.
 SHARED_SEED = 1234
-TRANSFORMER_SEEDS = {"tiny-schnell": 2001, "tiny-dev": 2002}
+
+
+
+@dataclass(frozen=True)
+class TransformerSpec:
+    seed: int
+    guidance_embeds: bool  # dev-like (uses guidance) or schnell-like
+    num_layers: int = 1
+    num_single_layers: int = 1
+    num_attention_heads: int = 2
+    attention_head_dim: int = 16
+
+
+TRANSFORMERS = {
+    "tiny-schnell": TransformerSpec(seed=2001, guidance_embeds=False),
+    "tiny-dev": TransformerSpec(seed=2002, guidance_embeds=True),
+    # For benchmarks: a schnell-like transformer large enough that one 256x256 image costs
+    # a few hundred ms on a 2-core CPU, the regime where real jobs (seconds each) live.
+    "bench-schnell": TransformerSpec(
+        seed=2003, guidance_embeds=False, num_layers=3, num_single_layers=6, num_attention_heads=4, attention_head_dim=64
+    ),
+}
 
 HIDDEN = 32  # CLIP hidden size = T5 d_model = the transformer's text dims
 LATENT_CHANNELS = 16  # as real FLUX's VAE
@@ -161,24 +183,26 @@ def _shared_components() -> dict:
     }
 
 
-def _transformer(guidance_embeds: bool) -> FluxTransformer2DModel:
+def _transformer(spec: TransformerSpec) -> FluxTransformer2DModel:
+    head = spec.attention_head_dim
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=4 * LATENT_CHANNELS,  # the pipeline packs latents into 2x2 patches
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
+        num_layers=spec.num_layers,
+        num_single_layers=spec.num_single_layers,
+        attention_head_dim=head,
+        num_attention_heads=spec.num_attention_heads,
         joint_attention_dim=HIDDEN,
         pooled_projection_dim=HIDDEN,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 4, 8),
+        guidance_embeds=spec.guidance_embeds,
+        # RoPE axes (text position, row, column) must add up to the head size.
+        axes_dims_rope=(head // 4, head // 4, head // 2),
     )
 
 
 def _scheduler(name: str) -> FlowMatchEulerDiscreteScheduler:
     # The real checkpoints' scheduler configs: schnell a fixed shift, dev resolution-dependent.
-    if name == "tiny-schnell":
+    if not TRANSFORMERS[name].guidance_embeds:
         return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     return FlowMatchEulerDiscreteScheduler(
         shift=3.0,
@@ -205,10 +229,11 @@ def _seeded(seed: int, build):
 
 def build_tiny_pipeline(name: str) -> FluxPipeline:
     """Build ``tiny-schnell`` or ``tiny-dev`` in memory, identically on every call."""
-    if name not in TRANSFORMER_SEEDS:
-        raise ValueError(f"not a tiny preset: {name!r} (expected one of {sorted(TRANSFORMER_SEEDS)})")
+    if name not in TRANSFORMERS:
+        raise ValueError(f"not a tiny preset: {name!r} (expected one of {sorted(TRANSFORMERS)})")
     shared = _seeded(SHARED_SEED, _shared_components)
-    transformer = _seeded(TRANSFORMER_SEEDS[name], lambda: _transformer(guidance_embeds=name == "tiny-dev"))
+    spec = TRANSFORMERS[name]
+    transformer = _seeded(spec.seed, lambda: _transformer(spec))
     pipe = FluxPipeline(scheduler=_scheduler(name), transformer=transformer, **shared)
     # Built from configs, modules start in training mode: T5's dropout would make
     # the same seed give different images.
