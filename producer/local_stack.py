@@ -76,6 +76,7 @@ class LocalStack:
             "callback_secret": TEST_CALLBACK_SECRET,
             "callback_allowlist": ["127.0.0.1"],
             "device": "cpu",
+            "metrics_port": 0,  # several workers share this host; start_worker gives each its own
         }
         fields.update(overrides)
         self.fields = fields
@@ -96,9 +97,9 @@ class LocalStack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}, cwd=self.workdir)
         log.close()
         self.processes[name] = process
         return process
@@ -116,12 +117,14 @@ class LocalStack:
         wait_until(lambda: httpx.get(url).status_code < 500, timeout_s=30, what="S3 (moto)", process=process, log=self.logs / "s3.log")
         Storage(self.settings).ensure_bucket()
 
-    def start_worker(self, name: str, queues: list[str] | None = None, *, timeout_s: float = 120) -> subprocess.Popen:
+    def start_worker(
+        self, name: str, queues: list[str] | None = None, *, metrics_port: int = 0, timeout_s: float = 120
+    ) -> subprocess.Popen:
         """Start ``refinery worker`` and return once it announced itself ready."""
         queues = queues or [self.settings.queue_generate, self.settings.queue_refine]
         hostname = f"{name}@localstack"
         argv = [sys.executable, "-m", "producer", "worker", f"--queues={','.join(queues)}", f"--name={hostname}"]
-        process = self._spawn(name, argv)
+        process = self._spawn(name, argv, {"REFINERY_METRICS_PORT": str(metrics_port)})
         store = JobStore.from_settings(self.settings)
         wait_until(
             lambda: hostname in store.workers(),

@@ -23,7 +23,8 @@ def _split_csv(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="REFINERY_", env_file=".env", extra="ignore")
+    # Empty values mean "unset" (so a copied .env.example works as it is).
+    model_config = SettingsConfigDict(env_prefix="REFINERY_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
     # Redis: broker for Celery and home of the job records.
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -79,6 +80,8 @@ class Settings(BaseSettings):
     # Deliveries of one job (a worker that died mid-job counts one); then it fails with worker_lost.
     max_attempts: int = Field(3, ge=1)
     callback_concurrency: int = Field(8, ge=1)
+    # Prometheus /metrics of each worker process (0: off).
+    metrics_port: int = Field(9808, ge=0, le=65535)
 
     # Input limits.
     max_input_bytes: int = Field(20 * 1024 * 1024, gt=0)

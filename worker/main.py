@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
+
+from celery.utils.nodenames import host_format
 
 from shared.errors import InvalidInput
 from shared.settings import Settings
@@ -21,11 +22,13 @@ def run_worker(settings: Settings, queues: list[str], *, loglevel: str = "INFO",
     unknown = set(queues) - {*settings.model_queues, settings.queue_callbacks}
     if unknown:
         raise InvalidInput(f"unknown queue(s) {sorted(unknown)}", field="queues")
-    hostname = name or f"{'+'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
+    # Expanded here (%h -> this host), so job records name the worker as Celery does.
+    hostname = host_format(name or f"{'+'.join(queues)}-{os.getpid()}@%h")
 
+    from worker import metrics, tasks
     from worker.app import app
-    from worker import tasks
 
+    metrics.start_metrics_server(settings.metrics_port)
     if model_queues:
         tasks.configure_runner(settings, hostname, generator=settings.queue_generate in queues)
         concurrency = settings.worker_concurrency

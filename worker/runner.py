@@ -29,6 +29,7 @@ from shared.jobs import GenerateSpec, JobError, JobRecord, JobResult, JobState, 
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore
+from worker import metrics
 from worker.batcher import DynamicBatcher
 from worker.batches import GenerateItem, GenerateKey, ModelOutput, RefineKey
 from worker.registry import ModelRegistry
@@ -145,6 +146,7 @@ class JobRunner:
         record = self.store.update(job_id, start)
         if ended:
             logger.warning("job %s: failed with %s", job_id, record.error.code)
+            metrics.observe_job(record)
             self._notify(record)
         return record, claimed
 
@@ -238,5 +240,6 @@ class JobRunner:
         record = self.store.update(job_id, finish)
         logger.info("job %s: %s %s", job_id, record.state.value, record.timings_ms)
         if finished:
+            metrics.observe_job(record)
             self._notify(record)
         return record

@@ -17,6 +17,7 @@ from shared import keys
 from shared.callbacks import CallbackFailed
 from shared.settings import Settings, get_settings
 from shared.store import JobStore
+from worker import metrics
 from worker.app import app
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def _store() -> JobStore:
 def _announce(sender, **_: object) -> None:
     """Publish what this worker serves (preset, device, dtype, refiner) for status tools."""
     info = _runner.registry.describe() if _runner is not None else {"role": "callbacks"}
+    metrics.set_worker_info(info)
     _store().register_worker(sender.hostname, info)
 
 

@@ -1,0 +1,192 @@
+"""What the queue costs: the bare model against the whole system, side by side in one run.
+
+    python benchmarks/throughput.py [--quick]
+
+For each preset it measures, on this machine:
+  direct   in-process calls of the pipeline plus the refiner (the model's own cost), at
+           batch 1 and at MAX_BATCH;
+  system   the same jobs through producer -> Redis -> worker process -> S3 -> job record,
+           with batching off (max_batch 1) and on (max_batch MAX_BATCH), submitted as a burst;
+and then the per-job service overhead (end-to-end minus model time, one job at a time)
+and the direct batching gain per resolution. Presets: ``tiny-schnell`` (the test double,
+milliseconds per image) and ``bench-schnell`` (random weights sized so one image costs a
+few hundred ms here: the realistic regime, since real FLUX jobs cost seconds).
+Writes benchmarks/results/throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from producer.client import Client
+from producer.local_stack import LocalStack
+from shared.settings import Settings
+from worker.batches import GenerateItem, GenerateKey, ModelWork
+from worker.registry import ModelRegistry
+
+RESULTS = Path(__file__).parent / "results" / "throughput.json"
+PROMPT = "studio portrait of a woman with freckles and curly red hair"
+console = Console()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def direct(work: ModelWork, key: GenerateKey, jobs: int, batch: int) -> dict:
+    """jobs/s of bare model calls (generate + refine), ``batch`` images per call."""
+    work(key, [GenerateItem(PROMPT, 0, True)] * batch)  # warm this shape
+    started = time.perf_counter()
+    for first in range(0, jobs, batch):
+        work(key, [GenerateItem(PROMPT, seed, True) for seed in range(first, min(jobs, first + batch))])
+    seconds = time.perf_counter() - started
+    return {"batch": batch, "jobs": jobs, "seconds": round(seconds, 3), "jobs_per_s": round(jobs / seconds, 3)}
+
+
+def system(workdir: Path, preset: str, size: int, jobs: int, max_batch: int, max_wait_ms: float) -> dict:
+    """A burst of ``jobs`` through a private stack; throughput from first submit to last finish."""
+    with LocalStack(workdir, preset=preset, max_batch=max_batch, max_wait_ms=max_wait_ms) as stack:
+        stack.start_worker("worker")
+        client = Client(stack.settings)
+        warm = client.submit_generate(PROMPT, seed=0, width=size, height=size).wait(300)
+        assert warm.state == "succeeded", warm.error
+        handles = [client.submit_generate(PROMPT, seed=seed, width=size, height=size) for seed in range(jobs)]
+        records = [handle.wait(600) for handle in handles]
+    assert all(r.state == "succeeded" for r in records), [r.error for r in records if r.error]
+    span = (max(r.finished_at for r in records) - min(r.created_at for r in records)).total_seconds()
+    latency = [r.timings_ms["total"] for r in records]
+    return {
+        "max_batch": max_batch,
+        "jobs": jobs,
+        "seconds": round(span, 3),
+        "jobs_per_s": round(jobs / span, 3),
+        "latency_ms_p50": round(percentile(latency, 0.5), 1),
+        "latency_ms_p95": round(percentile(latency, 0.95), 1),
+        "batch_sizes": sorted({r.batch_size for r in records}),
+    }
+
+
+def overhead(workdir: Path, preset: str, size: int, jobs: int) -> dict:
+    """One job at a time: what a job costs beyond its model time (Redis, records, encoding,
+    S3 upload, callback enqueue, the producer's wait)."""
+    with LocalStack(workdir, preset=preset, max_batch=1) as stack:
+        stack.start_worker("worker")
+        client = Client(stack.settings)
+        samples, stages = [], {}
+        for seed in range(jobs + 1):
+            started = time.perf_counter()
+            record = client.submit_generate(PROMPT, seed=seed, width=size, height=size).wait(120)
+            end_to_end_ms = (time.perf_counter() - started) * 1000
+            if seed == 0:
+                continue  # warm-up
+            model_ms = record.timings_ms["generate"] + record.timings_ms.get("refine", 0)
+            samples.append(end_to_end_ms - model_ms)
+            for stage in ("queue_wait", "batch_wait", "encode", "upload"):
+                stages.setdefault(stage, []).append(record.timings_ms.get(stage, 0))
+    return {
+        "jobs": jobs,
+        "overhead_ms_p50": round(statistics.median(samples), 2),
+        "overhead_ms_p95": round(percentile(samples, 0.95), 2),
+        "stage_ms_p50": {stage: round(statistics.median(v), 2) for stage, v in stages.items()},
+    }
+
+
+def run_preset(preset: str, size: int, jobs: int, max_batch: int, max_wait_ms: float, tmp: Path) -> dict:
+    console.rule(f"{preset} at {size}x{size}, {jobs} jobs, MAX_BATCH {max_batch}")
+    registry = ModelRegistry(Settings(_env_file=None, model_preset=preset, device="cpu", model_cache_dir=tmp / "models"))
+    work = ModelWork(registry)
+    key = GenerateKey(size, size, registry.preset.steps, registry.preset.guidance)
+    result = {
+        "size": size,
+        "direct_batch_1": direct(work, key, jobs, 1),
+        f"direct_batch_{max_batch}": direct(work, key, jobs, max_batch),
+    }
+    console.log("direct done")
+    result["system_batching_off"] = system(tmp / f"{preset}-off", preset, size, jobs, 1, max_wait_ms)
+    result["system_batching_on"] = system(tmp / f"{preset}-on", preset, size, jobs, max_batch, max_wait_ms)
+    on, off = result["system_batching_on"], result["system_batching_off"]
+    result["system_over_direct_batching_on"] = round(on["jobs_per_s"] / result[f"direct_batch_{max_batch}"]["jobs_per_s"], 3)
+    result["system_over_direct_batching_off"] = round(off["jobs_per_s"] / result["direct_batch_1"]["jobs_per_s"], 3)
+    result["batching_speedup"] = round(on["jobs_per_s"] / off["jobs_per_s"], 3)
+    return result
+
+
+def batching_gain_by_size(sizes: list[int], max_batch: int, jobs: int, tmp: Path) -> dict:
+    registry = ModelRegistry(Settings(_env_file=None, model_preset="tiny-schnell", device="cpu", model_cache_dir=tmp / "models"))
+    work = ModelWork(registry)
+    gains = {}
+    for size in sizes:
+        key = GenerateKey(size, size, registry.preset.steps, registry.preset.guidance)
+        one, many = direct(work, key, jobs, 1), direct(work, key, jobs, max_batch)
+        gains[f"{size}x{size}"] = round(many["jobs_per_s"] / one["jobs_per_s"], 3)
+    return gains
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer jobs (a smoke run, noisier figures)")
+    parser.add_argument("--max-batch", type=int, default=4)
+    parser.add_argument("--max-wait-ms", type=float, default=20.0)
+    args = parser.parse_args()
+    tiny_jobs, bench_jobs = (16, 8) if args.quick else (48, 24)
+
+    with tempfile.TemporaryDirectory(prefix="refinery-bench-") as tmp:
+        tmp = Path(tmp)
+        tiny = run_preset("tiny-schnell", 64, tiny_jobs, args.max_batch, args.max_wait_ms, tmp)
+        bench = run_preset("bench-schnell", 256, bench_jobs, args.max_batch, args.max_wait_ms, tmp)
+        console.rule("service overhead, one job at a time")
+        service = overhead(tmp / "overhead", "tiny-schnell", 64, 10 if args.quick else 30)
+        console.rule("direct batching gain by resolution (tiny-schnell)")
+        gains = batching_gain_by_size([64, 128, 256], args.max_batch, tiny_jobs, tmp)
+
+    result = {
+        # Headlines: the realistic config (bench-schnell), batching on.
+        "system_over_direct": bench["system_over_direct_batching_on"],
+        "batching_speedup": bench["batching_speedup"],
+        "overhead_ms_p50": service["overhead_ms_p50"],
+        "config": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "quick": args.quick, "device": "cpu"},
+        "presets": {"tiny-schnell": tiny, "bench-schnell": bench},
+        "service_overhead": service,
+        "direct_batching_gain_by_size": gains,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(_table(result))
+    console.print(f"wrote {RESULTS}")
+
+
+def _table(result: dict) -> Table:
+    table = Table(title="throughput (jobs/s) and ratios")
+    for column in ("preset", "direct b1", "direct bN", "system off", "system on", "sys/direct (on)", "batching speedup", "p50 / p95 ms (on)"):
+        table.add_column(column)
+    for name, r in result["presets"].items():
+        n = result["config"]["max_batch"]
+        on = r["system_batching_on"]
+        table.add_row(
+            f"{name} {r['size']}px",
+            str(r["direct_batch_1"]["jobs_per_s"]),
+            str(r[f"direct_batch_{n}"]["jobs_per_s"]),
+            str(r["system_batching_off"]["jobs_per_s"]),
+            str(on["jobs_per_s"]),
+            str(r["system_over_direct_batching_on"]),
+            str(r["batching_speedup"]),
+            f"{on['latency_ms_p50']} / {on['latency_ms_p95']}",
+        )
+    table.caption = (
+        f"overhead p50 {result['overhead_ms_p50']} ms per job; "
+        f"direct batching gain by size: {result['direct_batching_gain_by_size']}"
+    )
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Monitoring and scale-out with real processes: the worker's Prometheus endpoint, Flower,
+and two workers sharing one Redis."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from producer.client import Client
+from producer.local_stack import LocalStack, free_port, wait_until
+from shared.jobs import JobState
+
+pytestmark = pytest.mark.integration
+
+SIZE = 32
+
+
+def _samples(url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(url, timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_worker_metrics_count_the_jobs_it_ran(tmp_path):
+    port = free_port()
+    with LocalStack(tmp_path) as stack:
+        stack.start_worker("worker", metrics_port=port)
+        client = Client(stack.settings)
+        ok = [client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE).wait(60) for s in range(3)]
+        bad = client.submit_refine(input_uri=f"s3://{stack.settings.s3_bucket}/missing.png").wait(60)
+        samples = _samples(f"http://127.0.0.1:{port}/metrics")
+
+    assert all(r.state is JobState.succeeded for r in ok) and bad.state is JobState.failed
+    jobs = lambda kind, state: samples.get(("refinery_jobs_total", (("kind", kind), ("state", state)))) or 0  # noqa: E731
+    assert jobs("generate_and_refine", "succeeded") == 3
+    assert jobs("refine_only", "failed") == 1
+    assert samples[("refinery_stage_seconds_count", (("kind", "generate_and_refine"), ("stage", "generate")))] == 3
+    assert samples[("refinery_batch_size_count", (("kind", "generate_and_refine"),))] == 3
+    info = [labels for name, labels in samples if name == "refinery_worker_info"]
+    assert ("preset", "tiny-schnell") in info[0] and ("device", "cpu") in info[0]
+
+
+def test_two_workers_share_a_burst_and_none_runs_twice(tmp_path):
+    with LocalStack(tmp_path, max_batch=1) as stack:
+        stack.start_worker("one")
+        stack.start_worker("two")
+        client = Client(stack.settings)
+        handles = [client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE) for s in range(16)]
+        records = [h.wait(120) for h in handles]
+        listed = client.storage.client.list_objects_v2(Bucket=stack.settings.s3_bucket, Prefix=f"{stack.settings.s3_prefix}/jobs/")
+
+    assert all(r.state is JobState.succeeded and r.attempts == 1 for r in records)
+    by_worker = Counter(r.worker for r in records)
+    assert set(by_worker) == {"one@localstack", "two@localstack"}
+    keys = [obj["Key"] for obj in listed["Contents"]]
+    assert sorted(keys) == sorted(f"{stack.settings.s3_prefix}/jobs/{r.job_id}/refined.png" for r in records)
+
+
+def test_flower_lists_the_worker_and_its_finished_tasks(tmp_path):
+    port = free_port()
+    auth = ("ops", "s3cret")
+    with LocalStack(tmp_path) as stack:
+        flower = stack._spawn(
+            "flower",
+            [sys.executable, "-m", "celery", "--broker", stack.settings.redis_url, "flower",
+             f"--port={port}", "--address=127.0.0.1", f"--basic-auth={auth[0]}:{auth[1]}"],
+        )
+        api = f"http://127.0.0.1:{port}/api"
+        wait_until(lambda: httpx.get(f"{api}/workers", auth=auth).status_code == 200, timeout_s=60, what="flower", process=flower)
+        stack.start_worker("worker")
+        client = Client(stack.settings)
+        records = [client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE).wait(60) for s in range(2)]
+
+        def finished_in_flower() -> bool:
+            tasks = httpx.get(f"{api}/tasks", auth=auth, timeout=10).json()
+            return all(tasks.get(r.job_id, {}).get("state") == "SUCCESS" for r in records)
+
+        wait_until(finished_in_flower, timeout_s=60, what="tasks in flower")
+        workers = httpx.get(f"{api}/workers", params={"refresh": "true"}, auth=auth, timeout=30).json()
+        assert httpx.get(f"{api}/workers", timeout=10).status_code == 401
+    assert "worker@localstack" in workers

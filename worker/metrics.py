@@ -1,0 +1,118 @@
+"""Prometheus metrics a worker serves on ``REFINERY_METRICS_PORT`` (``/metrics``).
+
+Everything is recorded from the job record the runner already writes (``timings_ms`` in
+milliseconds), so the metrics and ``refinery status`` never disagree. Workers run Celery's
+thread pool: one process per worker, so the default in-process registry is right and no
+multiprocess mode is needed.
+
+This module never imports torch: a callbacks worker has none. GPU memory is read only when
+the worker process already loaded torch and CUDA is available.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+from shared.jobs import JobRecord
+
+STAGES = ("load_input", "generate", "refine", "encode", "upload")
+
+# Queue wait spans milliseconds (idle pool) to the visibility timeout (a deep backlog).
+_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# Stages: an encode takes milliseconds, a 28-step flux-dev generate tens of seconds.
+_STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+JOBS = Counter("refinery_jobs", "Jobs that reached a terminal state.", ["kind", "state"])
+QUEUE_WAIT = Histogram(
+    "refinery_queue_wait_seconds", "Time from submit to a worker starting the job.", ["kind"], buckets=_WAIT_BUCKETS
+)
+STAGE_SECONDS = Histogram(
+    "refinery_stage_seconds", "Time spent in one stage of a job.", ["kind", "stage"], buckets=_STAGE_BUCKETS
+)
+JOB_SECONDS = Histogram(
+    "refinery_job_seconds", "Time a worker spent on a job, all stages (timings_ms.total).", ["kind"], buckets=_STAGE_BUCKETS
+)
+BATCH_SIZE = Histogram("refinery_batch_size", "Jobs run together in one model call.", ["kind"], buckets=_BATCH_BUCKETS)
+MODEL_LOAD = Gauge("refinery_model_load_seconds", "Seconds it took to load a resident model.", ["model"])
+GPU_MEMORY = Gauge("refinery_gpu_memory_bytes", "CUDA memory held by this worker's process.", ["kind"])
+WORKER = Info("refinery_worker", "What this worker serves.")
+
+_server_lock = threading.Lock()
+_server: Any = None
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0") -> None:
+    """Serve ``/metrics`` from a daemon thread; port 0 disables it. A second call is a no-op."""
+    global _server
+    if not port:
+        return
+    with _server_lock:
+        if _server is None:
+            _server = start_http_server(port, addr=host)
+
+
+def stop_metrics_server() -> None:
+    """Stop the HTTP server started by ``start_metrics_server`` (tests; workers just exit)."""
+    global _server
+    with _server_lock:
+        if _server is not None:
+            server, thread = _server
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+            _server = None
+
+
+def observe_job(record: JobRecord, batch_size: int | None = None) -> None:
+    """Record one finished job: its terminal state, queue wait, stage timings and batch size.
+
+    Call it once, after the record's final write; records that are not terminal are ignored
+    so a job is never counted twice. ``batch_size`` defaults to the record's own, else 1.
+    """
+    if not record.state.terminal:
+        return
+    kind = record.kind.value
+    timings = record.timings_ms
+    JOBS.labels(kind=kind, state=record.state.value).inc()
+    if "queue_wait" in timings:
+        # Clocks of producer and worker can disagree by a little; a negative wait is skew.
+        QUEUE_WAIT.labels(kind=kind).observe(max(timings["queue_wait"], 0.0) / 1000)
+    for stage in STAGES:
+        if stage in timings:
+            STAGE_SECONDS.labels(kind=kind, stage=stage).observe(timings[stage] / 1000)
+    if "total" in timings:
+        JOB_SECONDS.labels(kind=kind).observe(timings["total"] / 1000)
+    BATCH_SIZE.labels(kind=kind).observe(batch_size or record.batch_size or 1)
+    update_gpu_memory()
+
+
+def set_worker_info(info: dict[str, Any]) -> None:
+    """Publish ``ModelRegistry.describe()``: preset, device, dtype, refiner, load_seconds and,
+    on CUDA, ``gpu_memory_{allocated,reserved}_bytes``.
+
+    A callbacks worker passes ``{"role": "callbacks"}``; labels it lacks are left empty.
+    """
+    WORKER.info({key: str(info.get(key, "")) for key in ("preset", "device", "dtype", "refiner")})
+    for model, seconds in (info.get("load_seconds") or {}).items():
+        MODEL_LOAD.labels(model=model).set(seconds)
+    for kind in ("allocated", "reserved"):
+        if (nbytes := info.get(f"gpu_memory_{kind}_bytes")) is not None:
+            GPU_MEMORY.labels(kind=kind).set(nbytes)
+    update_gpu_memory()
+
+
+def update_gpu_memory() -> None:
+    """Refresh the GPU memory gauges from torch, when this process runs on CUDA.
+
+    Without CUDA the gauges keep no samples at all, rather than a misleading zero.
+    """
+    torch = sys.modules.get("torch")  # never import it here: callbacks workers have none
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    GPU_MEMORY.labels(kind="allocated").set(torch.cuda.memory_allocated())
+    GPU_MEMORY.labels(kind="reserved").set(torch.cuda.memory_reserved())
