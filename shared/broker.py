@@ -38,6 +38,10 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
         "priority_steps": PRIORITY_STEPS,
         "sep": PRIORITY_SEPARATOR,
         "queue_order_strategy": "priority",
+        # How often a worker looks for messages whose worker vanished (then redelivers
+        # those older than the visibility timeout): a quarter of it, every time.
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
+        "unacked_restore_throttle": 1,
     }
     app.conf.update(
         task_serializer="json",

@@ -195,7 +195,9 @@ class JobRecord(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     attempts: int = 0
-    worker: str | None = None
+    worker: str | None = None  # the worker (Celery hostname) that ran it last
+    lease_owner: str | None = None  # that worker process, while it holds the job ...
+    lease_expires_at: datetime | None = None  # ... and renews this (worker/leases.py)
     generator: str | None = None  # the preset that generated the image
     refiner: str | None = None  # which refiner ran ("identity" when none is configured)
     result: JobResult | None = None

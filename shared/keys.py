@@ -19,6 +19,9 @@ def job_events_channel(job_id: str) -> str:
     return f"{PREFIX}:events:{job_id}"
 
 
+DEAD_LETTER = f"{PREFIX}:dead-letter"  # ids of jobs that failed for reasons of the system
+DEAD_LETTER_MAX = 10_000
+
 TASK_GENERATE = "refinery.generate_and_refine"
 TASK_REFINE = "refinery.refine_only"
 TASK_CALLBACK = "refinery.deliver_callback"

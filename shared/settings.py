@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # boto3's own retries with backoff ("standard" mode) before a job fails with storage_unavailable.
     s3_max_attempts: int = Field(5, ge=1)
     s3_timeout_s: float = Field(10.0, gt=0)
+    # How long an upload keeps retrying (with backoff) through an S3 outage before the job
+    # fails with storage_unavailable.
+    s3_retry_budget_s: float = Field(60.0, ge=0)
 
     # Models.
     model_preset: str = "flux-schnell"
@@ -74,10 +77,14 @@ class Settings(BaseSettings):
     queue_refine: str = "refine"
     queue_pairs: str = "pairs"
     queue_callbacks: str = "callbacks"
-    # Must exceed the longest job, or Redis redelivers it while it still runs.
+    # Redis redelivers a message not acknowledged within this time. Keep it above the
+    # longest job; a job redelivered while it still runs is held back by its lease anyway.
     visibility_timeout_s: int = Field(3600, gt=0)
+    # A running job's lease, renewed every third of it; a dead worker's jobs run again after it.
+    lease_s: float = Field(60.0, gt=0)
     task_time_limit_s: int = Field(900, gt=0)
-    # Deliveries of one job (a worker that died mid-job counts one); then it fails with worker_lost.
+    # Attempts of one job: a worker that died mid-job or an unexpected error counts one.
+    # Then it fails (worker_lost or internal_error) and is listed in the dead-letter list.
     max_attempts: int = Field(3, ge=1)
     callback_concurrency: int = Field(8, ge=1)
     # Prometheus /metrics of each worker process (0: off).

@@ -6,6 +6,10 @@ instead of writing new ones.
 
 from __future__ import annotations
 
+import itertools
+import logging
+import time
+
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -13,6 +17,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from shared.errors import InputNotFound, InvalidImage, InvalidInput, StorageUnavailable
 from shared.jobs import parse_s3_uri
 from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 
@@ -46,12 +52,26 @@ class Storage:
             self.client.create_bucket(Bucket=self.settings.s3_bucket)
 
     def put(self, uri: str, data: bytes, content_type: str) -> str:
+        """Upload, retrying with backoff through an outage of up to ``s3_retry_budget_s``."""
         bucket, key = parse_s3_uri(uri)
-        try:
-            self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(f"upload of {uri} failed: {exc}") from exc
-        return uri
+        deadline = time.monotonic() + self.settings.s3_retry_budget_s
+        for attempt in itertools.count():
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+                return uri
+            except (BotoCoreError, ClientError) as exc:
+                pause = min(2.0**attempt * 0.25, 10.0)
+                if time.monotonic() + pause > deadline:
+                    raise StorageUnavailable(f"upload of {uri} failed: {exc}") from exc
+                logger.warning("upload of %s failed (%s); retrying in %.1f s", uri, type(exc).__name__, pause)
+                time.sleep(pause)
+        raise AssertionError("unreachable")
+
+    def delete_job_objects(self, job_id: str) -> None:
+        prefix = f"{self.settings.s3_prefix}/jobs/{job_id}/"
+        listed = self.client.list_objects_v2(Bucket=self.settings.s3_bucket, Prefix=prefix)
+        for obj in listed.get("Contents", []):
+            self.client.delete_object(Bucket=self.settings.s3_bucket, Key=obj["Key"])
 
     def get(self, uri: str, *, max_bytes: int | None = None) -> bytes:
         """Read an object; only from the buckets refine-only inputs may come from."""

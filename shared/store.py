@@ -123,6 +123,14 @@ class JobStore:
         finally:
             pubsub.close()
 
+    def dead_letter(self, job_id: str) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.lpush(keys.DEAD_LETTER, job_id).ltrim(keys.DEAD_LETTER, 0, keys.DEAD_LETTER_MAX - 1).execute()
+
+    def dead_letters(self, limit: int = 100) -> list[str]:
+        """Newest first."""
+        return [job_id.decode() for job_id in self.redis.lrange(keys.DEAD_LETTER, 0, limit - 1)]
+
     def register_worker(self, hostname: str, info: dict[str, object]) -> None:
         """Announce a worker that is ready to consume (its models are loaded and warm)."""
         self.redis.set(keys.worker_key(hostname), json.dumps(info), ex=self.ttl_s)

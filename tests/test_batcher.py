@@ -1,4 +1,4 @@
-"""The dynamic batcher on its own: gathering, limits, wait bound, priorities, OOM splits."""
+"""The dynamic batcher on its own: gathering, limits, wait bound, priorities, split on failure."""
 
 from __future__ import annotations
 
@@ -126,6 +126,21 @@ def test_out_of_memory_splits_the_batch_and_every_job_succeeds():
     assert sorted(r.result for r in results) == [2 * i for i in range(8)]
     assert all(len(b) <= 2 for b in recorder.batches)
     assert sum(len(b) for b in recorder.batches[1:]) == 8
+
+
+def test_a_poisonous_job_fails_alone_and_its_batch_mates_succeed():
+    def run_batch(key, items):
+        if 13 in items:
+            raise ValueError("poison")
+        return [item * 2 for item in items]
+
+    batcher = DynamicBatcher(run_batch, max_batch=lambda key: 4, max_wait_s=0.5)
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(batcher.submit, "k", item) for item in (1, 13, 2, 3)]
+        outcomes = [f.exception() or f.result().result for f in futures]
+
+    assert outcomes[0] == 2 and outcomes[2] == 4 and outcomes[3] == 6
+    assert isinstance(outcomes[1], ValueError)
 
 
 def test_a_failing_batch_fails_its_jobs_and_the_batcher_keeps_serving():

@@ -35,7 +35,7 @@ class _Request:
     enqueued: float = field(compare=False)
     done: threading.Event = field(default_factory=threading.Event, compare=False)
     result: Any = field(default=None, compare=False)
-    error: BaseException | None = field(default=None, compare=False)
+    error: Exception | None = field(default=None, compare=False)
     batch_size: int = field(default=0, compare=False)
     waited_s: float = field(default=0.0, compare=False)
 
@@ -93,28 +93,33 @@ class DynamicBatcher:
         while True:
             batch = self._next_batch()
             started = time.monotonic()
-            try:
-                results = self._run(batch[0].key, [r.item for r in batch])
-                for request, result in zip(batch, results, strict=True):
-                    request.result = result
-            except BaseException as exc:  # every waiting job gets the error; the loop goes on
-                logger.exception("batch of %d failed", len(batch))
-                for request in batch:
-                    request.error = exc
-            for request in batch:
+            outcomes = self._run(batch[0].key, [r.item for r in batch])
+            for request, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, _Failed):
+                    request.error = outcome.error
+                else:
+                    request.result = outcome
                 request.batch_size = len(batch)
                 request.waited_s = started - request.enqueued
                 request.done.set()
 
     def _run(self, key: Hashable, items: list[Any]) -> list[Any]:
+        """One result per item, or ``_Failed`` for the items whose call raised."""
         try:
             return list(self.run_batch(key, items))
-        except torch.OutOfMemoryError:
+        except Exception as exc:
             if len(items) == 1:
-                raise
-            # Halve and retry rather than failing every job of a batch that did not fit.
-            logger.warning("out of memory at batch %d; splitting in halves", len(items))
-            if torch.cuda.is_available():
+                logger.exception("model call failed")
+                return [_Failed(exc)]
+            # Halve and retry: a batch that did not fit in memory fits in halves, and one
+            # poisonous job takes down only itself, not the jobs that shared its batch.
+            logger.warning("batch of %d failed (%s); retrying in halves", len(items), type(exc).__name__)
+            if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             half = len(items) // 2
             return self._run(key, items[:half]) + self._run(key, items[half:])
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: Exception

@@ -32,6 +32,7 @@ from shared.store import JobStore
 from worker import metrics
 from worker.batcher import DynamicBatcher
 from worker.batches import GenerateItem, GenerateKey, ModelOutput, RefineKey
+from worker.leases import LeaseKeeper
 from worker.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,18 @@ class StageTimer:
             self.ms[stage] = round((time.perf_counter() - started) * 1000, 3)
 
 
+# Failures of the system rather than of the caller's input: an operator should look.
+DEAD_LETTER_CODES = {"worker_lost", "internal_error", "storage_unavailable"}
+
+
+@dataclass
+class Claim:
+    record: JobRecord | None = None
+    claimed: bool = False  # this worker now holds the job
+    ended: bool = False  # the claim itself failed the job (expired, worker_lost)
+    retry_in: float | None = None  # held by another live worker: ask again after this
+
+
 @dataclass
 class Outcome:
     result: JobResult | None  # None when the job was cancelled while it ran
@@ -77,6 +90,7 @@ class JobRunner:
         settings: Settings,
         registry: ModelRegistry,
         batcher: DynamicBatcher,
+        leases: LeaseKeeper,
         store: JobStore,
         storage: Storage,
         notify: Callable[[str, str], None],
@@ -85,16 +99,19 @@ class JobRunner:
         self.settings = settings
         self.registry = registry
         self.batcher = batcher
+        self.leases = leases
         self.store = store
         self.storage = storage
         self.notify = notify  # enqueues a callback: (job_id, event state)
         self.worker_name = worker_name
 
-    def run(self, job_id: str) -> None:
-        record, claimed = self._claim(job_id)
-        if not claimed:
-            logger.info("job %s: not run, it is %s", job_id, record.state.value)
-            return
+    def run(self, job_id: str) -> float | None:
+        """Run one delivery of a job. Returns None when done with it, or the seconds after
+        which it should be delivered again (held by another live worker, or retrying)."""
+        claim = self._claim(job_id)
+        if not claim.claimed:
+            return claim.retry_in
+        record = claim.record
         if self.settings.callback_on_running:
             self._notify(record)
         timer = StageTimer()
@@ -104,30 +121,38 @@ class JobRunner:
             self._finish(job_id, JobState.succeeded, timer, outcome=outcome)
         except RefineryError as exc:
             logger.warning("job %s: failed with %s: %s", job_id, exc.code, exc)
-            error = JobError(code=exc.code, message=exc.message, field=exc.field)
-            self._finish(job_id, JobState.failed, timer, error=error)
+            self._finish(job_id, JobState.failed, timer, error=JobError(code=exc.code, message=exc.message, field=exc.field))
         except Exception as exc:  # the job boundary: one bad job must not stop the worker
-            logger.exception("job %s: internal error", job_id)
+            logger.exception("job %s: internal error in attempt %d", job_id, record.attempts)
             error = JobError(code="internal_error", message=f"{type(exc).__name__}: {exc}")
+            if record.attempts < self.settings.max_attempts:
+                return self._requeue(job_id, error)
             self._finish(job_id, JobState.failed, timer, error=error)
+        finally:
+            self.leases.release(job_id)
+        return None
 
     def _notify(self, record: JobRecord) -> None:
         if record.spec.callback_url:
             self.notify(record.job_id, record.state.value)
 
-    def _claim(self, job_id: str) -> tuple[JobRecord, bool]:
-        """Mark the job running under this worker; returns the record and whether we hold it.
+    def _claim(self, job_id: str) -> Claim:
+        """Mark the job running under this worker, unless it must not run now.
 
-        A job past its deadline, or whose worker died in every earlier attempt, is failed
-        here instead (and its caller told): requeueing a job that kills its worker (out of
-        memory, say) would otherwise loop forever.
+        Not run: a finished or cancelled job (a redelivery: nothing to do), one that another
+        live worker holds (retry when its lease would run out), one past its deadline
+        (failed: expired), one whose worker died in every attempt so far (failed:
+        worker_lost; requeueing a job that kills its worker would loop forever).
         """
-        claimed = ended = False
+        claim = Claim()
 
         def start(record: JobRecord) -> JobRecord | None:
-            nonlocal claimed, ended
-            claimed = ended = False  # the mutation may be retried after a concurrent write
+            # The mutation may run again after a concurrent write: start from scratch.
+            claim.claimed, claim.ended, claim.retry_in = False, False, None
             if record.state.terminal:
+                return None
+            if (left := self.leases.held_elsewhere(record)) is not None:
+                claim.retry_in = left
                 return None
             now = utcnow()
             if record.expires_at is not None and now > record.expires_at:
@@ -137,18 +162,39 @@ class JobRunner:
             else:
                 record.state, record.started_at, record.worker = JobState.running, now, self.worker_name
                 record.attempts += 1
-                claimed = True
+                self.leases.take(record)
+                claim.claimed = True
                 return record
             record.state, record.finished_at, record.error = JobState.failed, now, error
-            ended = True
+            claim.ended = True
             return record
 
-        record = self.store.update(job_id, start)
-        if ended:
-            logger.warning("job %s: failed with %s", job_id, record.error.code)
-            metrics.observe_job(record)
-            self._notify(record)
-        return record, claimed
+        claim.record = self.store.update(job_id, start)
+        if claim.ended:
+            self._ended(claim.record)
+        elif not claim.claimed:
+            logger.info("job %s: not run now (%s, retry in %s s)", job_id, claim.record.state.value, claim.retry_in)
+        return claim
+
+    def _requeue(self, job_id: str, error: JobError) -> float:
+        """Back to queued after an unexpected error; the next attempt comes after a backoff."""
+
+        def requeue(record: JobRecord) -> JobRecord | None:
+            if record.state is not JobState.running or record.lease_owner != self.leases.owner:
+                return None
+            record.state, record.error, record.lease_owner, record.lease_expires_at = JobState.queued, error, None, None
+            return record
+
+        record = self.store.update(job_id, requeue)
+        return float(2**record.attempts)
+
+    def _ended(self, record: JobRecord) -> None:
+        """A job just reached its terminal state: count it, dead-letter a system failure, tell the caller."""
+        logger.info("job %s: %s %s", record.job_id, record.state.value, record.error.code if record.error else "")
+        metrics.observe_job(record)
+        if record.error is not None and record.error.code in DEAD_LETTER_CODES:
+            self.store.dead_letter(record.job_id)
+        self._notify(record)
 
     def _process(self, record: JobRecord, timer: StageTimer) -> Outcome:
         spec = record.spec
@@ -224,11 +270,12 @@ class JobRunner:
         def finish(record: JobRecord) -> JobRecord | None:
             nonlocal finished
             # Only the worker that holds the job finishes it; a cancel that came first wins.
-            if record.state is not JobState.running or record.worker != self.worker_name:
+            if record.state is not JobState.running or record.lease_owner != self.leases.owner:
                 return None
             finished = True
             record.state = state
             record.finished_at = utcnow()
+            record.lease_owner = record.lease_expires_at = None
             record.error = error
             record.generator = self.registry.preset.name if record.kind == "generate_and_refine" else None
             if outcome is not None:
@@ -238,8 +285,9 @@ class JobRunner:
             return record
 
         record = self.store.update(job_id, finish)
-        logger.info("job %s: %s %s", job_id, record.state.value, record.timings_ms)
         if finished:
-            metrics.observe_job(record)
-            self._notify(record)
+            self._ended(record)
+        elif outcome is not None and outcome.result is not None:
+            # Cancelled between the upload and now: take back what was published.
+            self.storage.delete_job_objects(job_id)
         return record

@@ -31,6 +31,7 @@ def configure_runner(settings: Settings, worker_name: str, *, generator: bool) -
     from shared.storage import Storage
     from worker.batcher import DynamicBatcher
     from worker.batches import ModelWork
+    from worker.leases import LeaseKeeper
     from worker.registry import ModelRegistry
     from worker.runner import JobRunner
 
@@ -41,11 +42,13 @@ def configure_runner(settings: Settings, worker_name: str, *, generator: bool) -
         max_batch=lambda key: settings.max_batch_for(key.width, key.height),
         max_wait_s=settings.max_wait_ms / 1000,
     )
+    store = JobStore.from_settings(settings)
     _runner = JobRunner(
         settings,
         registry,
         batcher,
-        JobStore.from_settings(settings),
+        LeaseKeeper(store, settings.lease_s, worker_name),
+        store,
         Storage(settings),
         notify=lambda job_id, event: app.send_task(keys.TASK_CALLBACK, args=[job_id, event]),
         worker_name=worker_name,
@@ -58,14 +61,21 @@ def _get_runner():
     return _runner
 
 
-@app.task(name=keys.TASK_GENERATE)
-def generate_and_refine(job_id: str) -> None:
-    _get_runner().run(job_id)
+def _run(task: Task, job_id: str) -> None:
+    retry_in = _get_runner().run(job_id)
+    if retry_in is not None:
+        # A new message for the same job, due later; this one is acknowledged.
+        raise task.retry(countdown=retry_in)
 
 
-@app.task(name=keys.TASK_REFINE)
-def refine_only(job_id: str) -> None:
-    _get_runner().run(job_id)
+@app.task(name=keys.TASK_GENERATE, bind=True, max_retries=None)
+def generate_and_refine(self: Task, job_id: str) -> None:
+    _run(self, job_id)
+
+
+@app.task(name=keys.TASK_REFINE, bind=True, max_retries=None)
+def refine_only(self: Task, job_id: str) -> None:
+    _run(self, job_id)
 
 
 @app.task(name=keys.TASK_CALLBACK, bind=True, max_retries=None)
