@@ -58,8 +58,9 @@ def _env_value(value: Any) -> str:
 class LocalStack:
     """``with LocalStack(workdir) as stack:`` gives ``stack.settings`` and running services."""
 
-    def __init__(self, workdir: Path, *, preset: str = "tiny-schnell", **overrides: Any) -> None:
+    def __init__(self, workdir: Path, *, preset: str = "tiny-schnell", redis_aof: bool = False, **overrides: Any) -> None:
         self.workdir = Path(workdir)
+        self.redis_aof = redis_aof
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.redis_port = free_port()
@@ -104,9 +105,10 @@ class LocalStack:
         self.processes[name] = process
         return process
 
-    def start_redis(self, *, appendonly: bool = False) -> None:
+    def start_redis(self) -> None:
         argv = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", ""]
-        argv += ["--appendonly", "yes" if appendonly else "no", "--dir", str(self.workdir)]
+        # AOF, as the compose file runs it: a restart keeps queued jobs and records.
+        argv += ["--appendonly", "yes" if self.redis_aof else "no", "--dir", str(self.workdir)]
         process = self._spawn("redis", argv)
         client = redis.Redis(port=self.redis_port)
         wait_until(client.ping, timeout_s=10, what="redis-server", process=process, log=self.logs / "redis.log")

@@ -42,9 +42,13 @@ class LeaseKeeper:
         with self._lock:
             self._held.discard(job_id)
 
-    def held_elsewhere(self, record: JobRecord) -> float | None:
-        """Seconds until another live holder's lease on this running job runs out, if any."""
-        if record.state is not JobState.running or record.lease_owner == self.owner or record.lease_expires_at is None:
+    @staticmethod
+    def time_left(record: JobRecord) -> float | None:
+        """Seconds until the lease on this running job runs out; None if nobody holds it.
+
+        Its holder may be this very process: a message redelivered while its job runs here
+        must wait just the same."""
+        if record.state is not JobState.running or record.lease_expires_at is None:
             return None
         left = (record.lease_expires_at - utcnow()).total_seconds()
         return left if left > 0 else None

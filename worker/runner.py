@@ -139,8 +139,8 @@ class JobRunner:
     def _claim(self, job_id: str) -> Claim:
         """Mark the job running under this worker, unless it must not run now.
 
-        Not run: a finished or cancelled job (a redelivery: nothing to do), one that another
-        live worker holds (retry when its lease would run out), one past its deadline
+        Not run: a finished or cancelled job (a redelivery: nothing to do), one that a live
+        worker holds (retry when its lease would run out), one past its deadline
         (failed: expired), one whose worker died in every attempt so far (failed:
         worker_lost; requeueing a job that kills its worker would loop forever).
         """
@@ -151,7 +151,7 @@ class JobRunner:
             claim.claimed, claim.ended, claim.retry_in = False, False, None
             if record.state.terminal:
                 return None
-            if (left := self.leases.held_elsewhere(record)) is not None:
+            if (left := self.leases.time_left(record)) is not None:
                 claim.retry_in = left
                 return None
             now = utcnow()
@@ -270,9 +270,9 @@ class JobRunner:
         def finish(record: JobRecord) -> JobRecord | None:
             nonlocal finished
             # Only the worker that holds the job finishes it; a cancel that came first wins.
-            if record.state is not JobState.running or record.lease_owner != self.leases.owner:
+            finished = record.state is JobState.running and record.lease_owner == self.leases.owner
+            if not finished:
                 return None
-            finished = True
             record.state = state
             record.finished_at = utcnow()
             record.lease_owner = record.lease_expires_at = None
@@ -287,7 +287,21 @@ class JobRunner:
         record = self.store.update(job_id, finish)
         if finished:
             self._ended(record)
-        elif outcome is not None and outcome.result is not None:
-            # Cancelled between the upload and now: take back what was published.
-            self.storage.delete_job_objects(job_id)
+        elif record.state is JobState.cancelled and record.lease_owner == self.leases.owner:
+            self._let_go_cancelled(job_id, uploaded=outcome is not None and outcome.result is not None)
         return record
+
+    def _let_go_cancelled(self, job_id: str, *, uploaded: bool) -> None:
+        """Cancelled while it ran: take back anything published, then clear the lease, so
+        a cancelled record without a lease owner means the worker is done with it."""
+        if uploaded:
+            self.storage.delete_job_objects(job_id)
+
+        def let_go(record: JobRecord) -> JobRecord | None:
+            if record.lease_owner != self.leases.owner:
+                return None
+            record.lease_owner = record.lease_expires_at = None
+            return record
+
+        self.store.update(job_id, let_go)
+        logger.info("job %s: cancelled while running; nothing published", job_id)

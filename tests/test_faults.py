@@ -1,0 +1,246 @@
+"""Faults set up for real: workers killed, Redis restarted, S3 stopped, callback receivers
+down, poisonous jobs, cancellation mid-run. Nothing is lost and nothing runs twice.
+
+Each test runs its own stack (tests/conftest.py's session stack stays healthy). Timings
+only bound waits; assertions are about outcomes and order, never about speed.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from producer.client import Client
+from producer.local_stack import LocalStack, wait_until
+from shared import keys
+from shared.jobs import GenerateSpec, JobKind, JobRecord, JobState
+from shared.storage import Storage
+
+pytestmark = pytest.mark.integration
+
+SIZE = 64
+LONG = 1024  # a job of a few seconds on this CPU: long enough to be caught running
+
+
+def _objects(stack: LocalStack) -> list[str]:
+    listed = Storage(stack.settings).client.list_objects_v2(Bucket=stack.settings.s3_bucket, Prefix=f"{stack.settings.s3_prefix}/jobs/")
+    return [obj["Key"] for obj in listed.get("Contents", [])]
+
+
+def _wait_running(client: Client, job_ids: list[str], timeout_s: float = 60) -> None:
+    wait_until(lambda: any(client.status(j).state is JobState.running for j in job_ids), timeout_s=timeout_s, what="a running job")
+
+
+class FlakyReceiver:
+    """A callback receiver that answers ``fail_first`` requests with 503 (or hangs ``delay_s``)."""
+
+    def __init__(self, fail_first: int = 0, delay_s: float = 0.0) -> None:
+        self.requests: list[str] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with receiver.lock:
+                    receiver.requests.append(body.decode())
+                    failing = len(receiver.requests) <= fail_first
+                time.sleep(delay_s)
+                self.send_response(503 if failing else 204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_worker_killed_mid_batch_loses_nothing_and_runs_nothing_twice(tmp_path):
+    receiver = FlakyReceiver()
+    with LocalStack(tmp_path, visibility_timeout_s=3, lease_s=3, max_batch=4) as stack:
+        stack.start_worker("callbacks", [stack.settings.queue_callbacks])
+        stack.start_worker("doomed")
+        client = Client(stack.settings)
+        jobs = [client.submit_generate("portrait", seed=s, width=LONG // 2, height=LONG // 2, callback_url=receiver.url) for s in range(4)]
+        _wait_running(client, [j.job_id for j in jobs])
+        stack.stop_process("doomed", signal.SIGKILL)
+        stack.start_worker("rescuer")
+
+        records = [j.wait(180) for j in jobs]
+        wait_until(lambda: len(receiver.requests) >= len(jobs), timeout_s=60, what="callbacks")
+        time.sleep(2)  # room for a duplicate callback to show up, if there were one
+        keys_written = _objects(stack)
+    receiver.close()
+
+    assert all(r.state is JobState.succeeded for r in records), [r.error for r in records]
+    assert all(r.worker == "rescuer@localstack" for r in records)
+    assert max(r.attempts for r in records) == 2  # those caught running ran again, once
+    assert sorted(keys_written) == sorted(f"{stack.settings.s3_prefix}/jobs/{r.job_id}/refined.png" for r in records)
+    delivered = Counter(next(r.job_id for r in records if r.job_id in body) for body in receiver.requests)
+    assert delivered == Counter({r.job_id: 1 for r in records})
+
+
+def test_redelivered_long_job_is_held_back_by_its_lease(tmp_path):
+    # Redis redelivers the message after 1 s while the job runs for several: the lease,
+    # renewed by the live worker, keeps the second delivery from running it again.
+    with LocalStack(tmp_path, visibility_timeout_s=1, lease_s=3) as stack:
+        stack.start_worker("worker")
+        client = Client(stack.settings)
+        record = client.submit_generate("portrait", seed=1, width=LONG, height=LONG).wait(180)
+        log = (stack.logs / "worker.log").read_text()
+        keys_written = _objects(stack)
+
+    assert record.state is JobState.succeeded and record.attempts == 1
+    assert f"job {record.job_id}: not run now (running" in log, "the message was never redelivered: no test"
+    assert keys_written == [f"{stack.settings.s3_prefix}/jobs/{record.job_id}/refined.png"]
+
+
+def test_job_that_kills_its_worker_every_time_ends_worker_lost(tmp_path):
+    with LocalStack(tmp_path, visibility_timeout_s=2, lease_s=2, max_attempts=2) as stack:
+        client = Client(stack.settings)
+        victim = client.submit_generate("portrait", seed=1, width=LONG, height=LONG)
+        for attempt in (1, 2):
+            stack.start_worker(f"worker{attempt}")
+            wait_until(lambda: client.status(victim.job_id).attempts == attempt, timeout_s=60, what=f"attempt {attempt}")
+            stack.stop_process(f"worker{attempt}", signal.SIGKILL)
+        stack.start_worker("survivor")
+
+        lost = victim.wait(120)
+        after = client.submit_generate("portrait", seed=2, width=SIZE, height=SIZE).wait(60)
+        dead = client.store.dead_letters()
+
+    assert lost.state is JobState.failed and lost.error.code == "worker_lost" and lost.attempts == 2
+    assert dead == [victim.job_id]
+    assert after.state is JobState.succeeded
+
+
+def test_redis_restart_with_aof_keeps_queued_jobs_and_everyone_reconnects(tmp_path):
+    with LocalStack(tmp_path, redis_aof=True) as stack:
+        client = Client(stack.settings)
+        queued = [client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE) for s in range(3)]
+        stack.stop_process("redis")
+        stack.start_redis()
+        stack.start_worker("worker")
+        assert all(j.wait(60).state is JobState.succeeded for j in queued)
+
+        # Again with the worker running: it and this producer reconnect on their own.
+        stack.stop_process("redis")
+        stack.start_redis()
+        later = client.submit_generate("portrait", seed=9, width=SIZE, height=SIZE).wait(120)
+    assert later.state is JobState.succeeded
+
+
+def test_upload_rides_out_a_short_s3_outage(tmp_path):
+    with LocalStack(tmp_path, s3_retry_budget_s=60) as stack:
+        stack.start_worker("worker")
+        client = Client(stack.settings)
+        stack.stop_process("s3")
+        job = client.submit_generate("portrait", seed=1, width=SIZE, height=SIZE)
+        wait_until(lambda: "retrying in" in (stack.logs / "worker.log").read_text(), timeout_s=60, what="a failed upload")
+        stack.start_s3()  # a fresh S3 (moto keeps nothing), bucket recreated
+        record = job.wait(120)
+        keys_written = _objects(stack)
+
+    assert record.state is JobState.succeeded and record.attempts == 1
+    assert keys_written == [f"{stack.settings.s3_prefix}/jobs/{record.job_id}/refined.png"]
+
+
+def test_s3_outage_longer_than_the_budget_fails_storage_unavailable(tmp_path):
+    with LocalStack(tmp_path, s3_retry_budget_s=1) as stack:
+        stack.start_worker("worker")
+        client = Client(stack.settings)
+        stack.stop_process("s3")
+        failed = client.submit_generate("portrait", seed=1, width=SIZE, height=SIZE).wait(120)
+        stack.start_s3()
+        after = client.submit_generate("portrait", seed=2, width=SIZE, height=SIZE).wait(60)
+        dead = client.store.dead_letters()
+
+    assert failed.state is JobState.failed and failed.error.code == "storage_unavailable"
+    assert dead == [failed.job_id]
+    assert after.state is JobState.succeeded
+
+
+def test_callbacks_retry_with_backoff_and_never_hold_up_jobs(tmp_path):
+    down_then_up = FlakyReceiver(fail_first=2)
+    slow = FlakyReceiver(delay_s=3)
+    always_down = FlakyReceiver(fail_first=10**6)
+    with LocalStack(tmp_path, callback_max_retries=3, callback_timeout_s=1) as stack:
+        stack.start_worker("worker")
+        stack.start_worker("callbacks", [stack.settings.queue_callbacks])
+        client = Client(stack.settings)
+        recovering = client.submit_generate("portrait", seed=1, width=SIZE, height=SIZE, callback_url=down_then_up.url)
+        hanging = client.submit_generate("portrait", seed=2, width=SIZE, height=SIZE, callback_url=slow.url)
+        lost = client.submit_generate("portrait", seed=3, width=SIZE, height=SIZE, callback_url=always_down.url)
+        # Jobs finish while their receivers still fail or hang.
+        assert all(j.wait(60).state is JobState.succeeded for j in (recovering, hanging, lost))
+        others = [client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE).wait(60) for s in range(4, 7)]
+
+        def callback(job):
+            return client.status(job.job_id).callback
+
+        wait_until(lambda: callback(recovering).delivered, timeout_s=60, what="recovered delivery")
+        wait_until(lambda: callback(lost).attempts == 4, timeout_s=60, what="all retries")
+        wait_until(lambda: callback(hanging).attempts >= 1, timeout_s=60, what="a timed-out delivery")
+        time.sleep(3)  # past the last backoff: no fifth attempt comes
+        recovered, abandoned, slowed = (client.status(j.job_id) for j in (recovering, lost, hanging))
+    for receiver in (down_then_up, slow, always_down):
+        receiver.close()
+
+    assert all(r.state is JobState.succeeded for r in others)
+    assert recovered.callback.attempts == 3 and recovered.callback.last_status == 204 and len(down_then_up.requests) == 3
+    assert abandoned.callback.attempts == 4 and not abandoned.callback.delivered
+    assert abandoned.callback.last_status == 503 and len(always_down.requests) == 4
+    assert not slowed.callback.delivered and "timeout" in slowed.callback.last_error.lower()
+
+
+def test_poison_job_is_retried_a_bounded_number_of_times_then_dead_lettered(tmp_path):
+    with LocalStack(tmp_path, max_attempts=2) as stack:
+        stack.start_worker("worker")
+        client = Client(stack.settings)
+        # A foreign producer's bug: a seed no generator takes. The record parses; every
+        # model call with it raises.
+        poison = JobRecord(job_id="poison", kind=JobKind.generate_and_refine, spec=GenerateSpec(prompt="x", width=SIZE, height=SIZE), seed=2**70)
+        client.store.create(poison)
+        client.celery.send_task(keys.TASK_GENERATE, args=["poison"], task_id="poison", queue=stack.settings.queue_generate)
+        good = [client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE) for s in range(3)]
+
+        failed = client.wait("poison", 120)
+        assert all(j.wait(60).state is JobState.succeeded for j in good)
+        dead = client.store.dead_letters()
+
+    assert failed.state is JobState.failed and failed.error.code == "internal_error" and failed.attempts == 2
+    assert dead == ["poison"]
+
+
+def test_cancel_while_running_publishes_nothing(tmp_path):
+    receiver = FlakyReceiver()
+    with LocalStack(tmp_path) as stack:
+        stack.start_worker("worker")
+        stack.start_worker("callbacks", [stack.settings.queue_callbacks])
+        client = Client(stack.settings)
+        job = client.submit_generate("portrait", seed=1, width=LONG, height=LONG, callback_url=receiver.url)
+        _wait_running(client, [job.job_id])
+        assert job.cancel().state is JobState.cancelled
+        # The worker lets go of a cancelled job (clears its lease) once it is done with it.
+        wait_until(lambda: client.status(job.job_id).lease_owner is None, timeout_s=120, what="worker done")
+        final = job.status()
+        keys_written = _objects(stack)
+        after = client.submit_generate("portrait", seed=2, width=SIZE, height=SIZE).wait(60)
+        wait_until(lambda: len(receiver.requests) >= 1, timeout_s=30, what="cancel callback")
+        time.sleep(1)
+    receiver.close()
+
+    assert final.state is JobState.cancelled and final.result is None
+    assert keys_written == []
+    assert after.state is JobState.succeeded
+    assert len(receiver.requests) == 1 and '"job.cancelled"' in receiver.requests[0]
