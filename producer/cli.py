@@ -15,8 +15,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from shared.errors import RefineryError
-from shared.jobs import JobRecord, OutputFormat
+from shared.errors import JobNotFound, RefineryError
+from shared.jobs import JobRecord, OutputFormat, Priority
 from shared.settings import get_settings
 
 console = Console()
@@ -89,6 +89,8 @@ def _job_options(command):
             click.option("--callback-url", help="Signed POST on each terminal state."),
             click.option("--idempotency-key", help="Submitting again with the same key returns the same job."),
             click.option("--metadata", help="JSON object stored with the job and echoed in callbacks."),
+            click.option("--priority", type=click.Choice([p.value for p in Priority]), default="normal", show_default=True),
+            click.option("--deadline", "deadline_s", type=float, help="Seconds; still queued by then: fails 'expired'."),
             click.option("--wait", is_flag=True, help="Block until the job is finished."),
             click.option("--timeout", type=float, default=None, help="Seconds to wait at most."),
             click.option("--json", "as_json", is_flag=True, help="Print the job record as one JSON object."),
@@ -98,8 +100,8 @@ def _job_options(command):
     return command
 
 
-def _common_fields(output_format: str, callback_url: str | None, idempotency_key: str | None, metadata: str | None) -> dict:
-    fields: dict[str, Any] = {"output_format": output_format, "callback_url": callback_url, "idempotency_key": idempotency_key}
+def _common_fields(metadata: str | None, **options: Any) -> dict:
+    fields: dict[str, Any] = dict(options)
     if metadata:
         try:
             fields["metadata"] = json.loads(metadata)
@@ -176,6 +178,23 @@ def wait_cmd(job_id: str, timeout: float | None, as_json: bool) -> None:
 def cancel(job_id: str, as_json: bool) -> None:
     """Cancel a job: a queued one never runs, a running one publishes nothing."""
     _show(_client().cancel(job_id), as_json)
+
+
+@cli.command("dead-letters")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: each job record.")
+def dead_letters(limit: int, as_json: bool) -> None:
+    """Jobs that failed for reasons of the system (worker_lost, internal_error, storage_unavailable), newest first."""
+    client = _client()
+    for job_id in client.store.dead_letters(limit):
+        try:
+            record = client.status(job_id)
+        except JobNotFound:
+            continue  # the record outlived its REFINERY_JOB_TTL_S
+        if as_json:
+            click.echo(record.model_dump_json())
+        else:
+            console.print(f"{record.job_id}  {record.finished_at:%Y-%m-%d %H:%M:%S}  {record.error.code}: {record.error.message}")
 
 
 @cli.command()

@@ -7,7 +7,10 @@ only bound waits; assertions are about outcomes and order, never about speed.
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -216,10 +219,10 @@ def test_poison_job_is_retried_a_bounded_number_of_times_then_dead_lettered(tmp_
 
         failed = client.wait("poison", 120)
         assert all(j.wait(60).state is JobState.succeeded for j in good)
-        dead = client.store.dead_letters()
+        listed = subprocess.run([sys.executable, "-m", "producer", "dead-letters", "--json"], env=stack.env, capture_output=True, text=True, check=True)
 
     assert failed.state is JobState.failed and failed.error.code == "internal_error" and failed.attempts == 2
-    assert dead == ["poison"]
+    assert [json.loads(line)["job_id"] for line in listed.stdout.splitlines()] == ["poison"]
 
 
 def test_cancel_while_running_publishes_nothing(tmp_path):
