@@ -11,6 +11,7 @@ time with the offending field named (``shared.errors.InvalidInput``).
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -20,14 +21,27 @@ from typing import Any
 from shared import keys
 from shared.broker import make_celery, queue_depth
 from shared.callbacks import check_callback_url
-from shared.errors import InvalidImage, QueueFull
+from shared.errors import InvalidImage, InvalidInput, QueueFull
 from shared.images import decode_image
-from shared.jobs import GenerateSpec, JobKind, JobRecord, RefineSpec, build_spec, check_size_for_preset
+from shared.jobs import (
+    GenerateSpec,
+    JobKind,
+    JobRecord,
+    PairSpec,
+    RefineSpec,
+    build_spec,
+    check_size_for_preset,
+    parse_s3_uri,
+)
 from shared.settings import Settings, get_settings
 from shared.storage import Storage
 from shared.store import JobStore
 
-_TASKS = {JobKind.generate_and_refine: keys.TASK_GENERATE, JobKind.refine_only: keys.TASK_REFINE}
+_TASKS = {
+    JobKind.generate_and_refine: keys.TASK_GENERATE,
+    JobKind.refine_only: keys.TASK_REFINE,
+    JobKind.pair: keys.TASK_PAIR,
+}
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,16 @@ class Client:
         seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
         return self._submit(spec, seed=seed)
 
+    def submit_pair(self, prompt: str, *, dataset: str, pair_id: str, **fields: Any) -> JobHandle:
+        """Queue one dataset pair (see ``shared.jobs.PairSpec``); resubmitting the same pair
+        of the same dataset returns the job already made for it."""
+        dataset_tag = hashlib.sha1(dataset.rstrip("/").encode()).hexdigest()[:16]
+        spec = build_spec(
+            PairSpec, prompt=prompt, dataset=dataset, pair_id=pair_id, idempotency_key=f"pair:{dataset_tag}:{pair_id}", **fields
+        )
+        check_size_for_preset(spec, spec.student)
+        return self._submit(spec, seed=spec.seed)
+
     def submit_refine(self, *, input_uri: str | None = None, image: bytes | None = None, **fields: Any) -> JobHandle:
         """Queue a refine-only job for an S3 object or for image bytes sent inline."""
         if (input_uri is None) == (image is None):
@@ -77,17 +101,25 @@ class Client:
             decode_image(image, max_bytes=self.settings.max_input_bytes, max_pixels=self.settings.max_input_pixels)
             input_uri = self.storage.job_uri(job_id, "input")
         spec = build_spec(RefineSpec, input_uri=input_uri, **fields)
+        bucket, _ = parse_s3_uri(spec.input_uri)
+        if bucket not in self.settings.readable_buckets:
+            raise InvalidInput(f"bucket {bucket!r} is not readable by this service", field="input_uri")
         if spec.idempotency_key and (first := self.store.find_idempotent(spec.idempotency_key)):
             return JobHandle(first, self)
+        # Every other check before the upload, so a refused job leaves nothing behind.
+        self._check(spec)
         if image is not None:
             self.storage.put(input_uri, image, "application/octet-stream")
         return self._submit(spec, job_id=job_id)
 
-    def _submit(self, spec: GenerateSpec | RefineSpec, *, seed: int | None = None, job_id: str | None = None) -> JobHandle:
+    def _check(self, spec: GenerateSpec | RefineSpec | PairSpec) -> None:
         if spec.callback_url:
             check_callback_url(spec.callback_url, self.settings.callback_allowlist)
+        self._admit(self._queue(spec))
+
+    def _submit(self, spec: GenerateSpec | RefineSpec | PairSpec, *, seed: int | None = None, job_id: str | None = None) -> JobHandle:
+        self._check(spec)
         queue = self._queue(spec)
-        self._admit(queue)
         record = JobRecord(job_id=job_id or uuid.uuid4().hex, kind=spec.kind, spec=spec, seed=seed)
         record, created = self.store.create(record, spec.idempotency_key)
         if created:
@@ -97,8 +129,12 @@ class Client:
             )
         return JobHandle(record.job_id, self)
 
-    def _queue(self, spec: GenerateSpec | RefineSpec) -> str:
-        return self.settings.queue_generate if spec.kind is JobKind.generate_and_refine else self.settings.queue_refine
+    def _queue(self, spec: GenerateSpec | RefineSpec | PairSpec) -> str:
+        return {
+            JobKind.generate_and_refine: self.settings.queue_generate,
+            JobKind.refine_only: self.settings.queue_refine,
+            JobKind.pair: self.settings.queue_pairs,
+        }[spec.kind]
 
     def _admit(self, queue: str) -> None:
         """Refuse new work rather than let latency grow without bound."""

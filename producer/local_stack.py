@@ -73,6 +73,7 @@ class LocalStack:
             "s3_access_key_id": "testing",
             "s3_secret_access_key": "testing",
             "model_preset": preset,
+            "teacher_preset": "tiny-dev",
             "model_cache_dir": self.workdir / "models",
             "callback_secret": TEST_CALLBACK_SECRET,
             "callback_allowlist": ["127.0.0.1"],

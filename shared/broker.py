@@ -6,6 +6,9 @@ broker carries JSON only (pickle is not accepted).
 
 from __future__ import annotations
 
+import ssl
+from urllib.parse import parse_qs, urlsplit
+
 import redis
 from celery import Celery
 
@@ -31,6 +34,25 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
         return sum(pipe.execute())
 
 
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def broker_ssl_options(url: str) -> dict | None:
+    """TLS options for a ``rediss://`` broker URL, verifying the server by default.
+
+    Without them kombu falls back to accepting any certificate; with them the URL's own
+    query (``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, in
+    redis-py's spelling) decides, as it does for the job store's redis-py client.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    options: dict = {"ssl_cert_reqs": _CERT_REQS[query.get("ssl_cert_reqs", "required").lower()]}
+    options.update({key: query[key] for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") if key in query})
+    return options
+
+
 def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
     app = Celery("face_refinery", broker=settings.redis_url, include=include or [])
     transport = {
@@ -44,6 +66,7 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
         "unacked_restore_throttle": 1,
     }
     app.conf.update(
+        broker_use_ssl=broker_ssl_options(settings.redis_url),
         task_serializer="json",
         result_serializer="json",
         event_serializer="json",
@@ -62,6 +85,7 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
         task_routes={
             keys.TASK_GENERATE: {"queue": settings.queue_generate},
             keys.TASK_REFINE: {"queue": settings.queue_refine},
+            keys.TASK_PAIR: {"queue": settings.queue_pairs},
             keys.TASK_CALLBACK: {"queue": settings.queue_callbacks},
         },
         # Events let Flower follow tasks.

@@ -2,7 +2,8 @@
 
 A callback URL is chosen by whoever submits a job, so an unchecked one would let them make
 the worker call internal services (cloud metadata, Redis, admin ports). URLs are checked at
-submit time and again before every delivery. Bodies are signed per Standard Webhooks
+submit time and again before every delivery, and a delivery connects only to an address
+that check approved (no second DNS lookup, no proxy). Bodies are signed per Standard Webhooks
 (https://www.standardwebhooks.com/) so receivers can verify them with any of its libraries.
 """
 
@@ -37,6 +38,21 @@ def check_callback_url(
     ``allowlist`` entries are host names (exact, case-insensitive) or IP networks/addresses;
     a listed name, or an address inside a listed network, is let through.
     """
+    _checked_addresses(url, allowlist, resolve, resolve_listed_names=False)
+
+
+def _checked_addresses(
+    url: str,
+    allowlist: list[str],
+    resolve: Callable[..., list[tuple[Any, ...]]],
+    *,
+    resolve_listed_names: bool,
+) -> list[IPAddress]:
+    """The addresses ``url`` may be connected to, in the resolver's order, each one checked.
+
+    An allowlisted name is trusted as a whole: its addresses are returned unchecked, and
+    only resolved at all when ``resolve_listed_names`` (delivery needs them, submit not).
+    """
     try:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError for a port that is not a number in range
@@ -49,21 +65,25 @@ def check_callback_url(
         raise CallbackRefused("has no host", field="callback_url")
 
     names, networks = _parse_allowlist(allowlist)
-    if host in names:
-        return
+    listed_name = host in names
+    if listed_name and not resolve_listed_names:
+        return []
     try:
-        addresses = {ipaddress.ip_address(host)}
+        addresses = [ipaddress.ip_address(host)]
     except ValueError:
         # Every address counts, not just the first: the HTTP client may try any of them.
         try:
             infos = resolve(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
+            # dict.fromkeys: unique, in the resolver's (RFC 6724) order.
+            addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
+        except (OSError, UnicodeError, ValueError) as exc:
             raise CallbackRefused(
                 f"host {host!r} does not resolve: {exc}", field="callback_url"
             ) from None
-        addresses = {ipaddress.ip_address(info[4][0]) for info in infos}
         if not addresses:
             raise CallbackRefused(f"host {host!r} does not resolve", field="callback_url")
+    if listed_name:
+        return addresses
     for address in addresses:
         if not any(address in network for network in networks) and not _is_public(address):
             raise CallbackRefused(
@@ -71,6 +91,7 @@ def check_callback_url(
                 "allowlist it in REFINERY_CALLBACK_ALLOWLIST if that is intended",
                 field="callback_url",
             )
+    return addresses
 
 
 def _parse_allowlist(allowlist: list[str]) -> tuple[set[str], list[IPNetwork]]:
@@ -139,29 +160,61 @@ def deliver(
     secret: str | None,
     timeout_s: float,
     allowlist: list[str],
+    resolve: Callable[..., list[tuple[Any, ...]]] = socket.getaddrinfo,
 ) -> int:
     """POST ``payload`` once; return the 2xx status or raise ``CallbackFailed``.
 
     ``CallbackRefused`` (the URL now resolves somewhere private) is not worth retrying and
     propagates. ``msg_id`` stays the same across retries so receivers can deduplicate.
+
+    The host is resolved exactly once, every address is checked, and the connection goes to
+    one of those checked addresses (the request keeps the original Host header, and the
+    original name for TLS SNI and certificate checks). Letting the HTTP client resolve the
+    name again would open a DNS rebinding window: public at check time, 127.0.0.1 at
+    connect time. Proxy variables from the environment are ignored for the same reason: a
+    proxy would resolve and connect on its own, past the check.
     """
-    check_callback_url(url, allowlist)  # DNS may have changed since the job was submitted
+    # DNS may have changed since the job was submitted, so the check runs again here.
+    addresses = _checked_addresses(url, allowlist, resolve, resolve_listed_names=True)
+    try:
+        target = httpx.URL(url)
+        host_header = target.netloc.decode("ascii")  # host[:port], IDNA-encoded, no userinfo
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise CallbackRefused(f"is not a valid URL: {exc}", field="callback_url") from None
+    extensions: dict[str, Any] = {}
+    if target.scheme == "https":
+        extensions["sni_hostname"] = target.raw_host.decode("ascii")
     # Serialise once: the signature covers exactly these bytes.
     body = json.dumps(payload, separators=(",", ":")).encode()
     if secret:
         headers = sign_headers(body, secret=secret, msg_id=msg_id, timestamp=datetime.now(UTC))
     else:
         headers = {"webhook-id": msg_id, "content-type": "application/json"}
-    try:
-        # Streamed and never read: only the status matters, and a hostile receiver could
-        # answer with an endless body. A redirect could point anywhere, so it is not followed.
-        with httpx.stream(
-            "POST", url, content=body, headers=headers, timeout=timeout_s, follow_redirects=False
-        ) as response:
-            status = response.status_code
-            location = response.headers.get("location")
-    except httpx.HTTPError as exc:
-        raise CallbackFailed(f"{type(exc).__name__}: {exc}") from None
+    headers["host"] = host_header
+
+    connect_errors: list[str] = []
+    with httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
+        for address in addresses:
+            try:
+                pinned = target.copy_with(host=str(address))
+            except httpx.InvalidURL as exc:
+                raise CallbackRefused(f"cannot address {address}: {exc}", field="callback_url") from None
+            try:
+                # Streamed and never read: only the status matters, and a hostile receiver
+                # could answer with an endless body. A redirect could point anywhere, so it
+                # is not followed.
+                with client.stream(
+                    "POST", pinned, content=body, headers=headers, extensions=extensions
+                ) as response:
+                    status = response.status_code
+                    location = response.headers.get("location")
+                break
+            except httpx.ConnectError as exc:  # nothing was sent: try the next checked address
+                connect_errors.append(f"{address}: {exc}")
+            except httpx.HTTPError as exc:
+                raise CallbackFailed(f"{type(exc).__name__}: {exc}") from None
+        else:
+            raise CallbackFailed(f"ConnectError: {'; '.join(connect_errors)}")
     if 200 <= status < 300:
         return status
     if 300 <= status < 400:

@@ -6,6 +6,7 @@ the offending field named. The record is what Redis stores and what ``status`` r
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -93,9 +94,11 @@ class _JobSpec(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _small_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
-        import json
-
-        if len(json.dumps(metadata)) > MAX_METADATA_CHARS:
+        try:
+            size = len(json.dumps(metadata))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"must be JSON-serialisable: {exc}") from None
+        if size > MAX_METADATA_CHARS:
             raise ValueError(f"must serialise to at most {MAX_METADATA_CHARS} characters of JSON")
         return metadata
 
@@ -133,10 +136,36 @@ class RefineSpec(_JobSpec):
         return uri
 
 
-JobSpec = Annotated[GenerateSpec | RefineSpec, Field(discriminator="kind")]
+class PairSpec(_JobSpec):
+    """One training pair: the same prompt and seed through the student and the teacher.
+
+    Written to ``<dataset>/pairs/<pair_id>/{student,teacher}.png`` and
+    ``<dataset>/manifest/<pair_id>.json`` (the layout ``refiner.data`` reads).
+    """
+
+    kind: Literal[JobKind.pair] = JobKind.pair
+    prompt: str = Field(min_length=1, max_length=2000)
+    seed: int = Field(ge=0, le=MAX_SEED, strict=True)
+    width: int = Field(1024, ge=MIN_SIZE_TINY, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, strict=True)
+    height: int = Field(1024, ge=MIN_SIZE_TINY, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, strict=True)
+    dataset: str  # s3://bucket/prefix
+    pair_id: str = Field(pattern=r"^[\w\-]{1,64}$")
+    attributes: dict[str, str] = Field(default_factory=dict)
+    # The presets the producer expects; a pairs worker serving others refuses the job.
+    student: str
+    teacher: str
+
+    @field_validator("dataset")
+    @classmethod
+    def _s3_prefix(cls, uri: str) -> str:
+        parse_s3_uri(uri.rstrip("/") + "/x")
+        return uri.rstrip("/")
 
 
-def check_size_for_preset(spec: GenerateSpec, preset: str) -> None:
+JobSpec = Annotated[GenerateSpec | RefineSpec | PairSpec, Field(discriminator="kind")]
+
+
+def check_size_for_preset(spec: GenerateSpec | PairSpec, preset: str) -> None:
     """Real FLUX presets need at least 256 px; only the tiny test doubles go smaller."""
     if preset.startswith("tiny-"):
         return
@@ -169,6 +198,7 @@ class JobResult(BaseModel):
     width: int
     height: int
     format: OutputFormat
+    files: dict[str, str] = Field(default_factory=dict)  # pair jobs: student, teacher, manifest
 
 
 class CallbackStatus(BaseModel):

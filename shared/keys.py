@@ -24,4 +24,5 @@ DEAD_LETTER_MAX = 10_000
 
 TASK_GENERATE = "refinery.generate_and_refine"
 TASK_REFINE = "refinery.refine_only"
+TASK_PAIR = "refinery.pair"
 TASK_CALLBACK = "refinery.deliver_callback"

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
-    # Buckets a refine-only job may read its input from; empty means only s3_bucket.
+    # Buckets besides s3_bucket that refine-only jobs may read their input from.
     s3_input_buckets: Annotated[list[str], NoDecode] = []
     presign_expiry_s: int = Field(3600, gt=0, le=7 * 24 * 3600)
     # boto3's own retries with backoff ("standard" mode) before a job fails with storage_unavailable.
@@ -49,6 +49,9 @@ class Settings(BaseSettings):
 
     # Models.
     model_preset: str = "flux-schnell"
+    # The teacher a pairs worker keeps resident beside model_preset (the student).
+    teacher_preset: str = "flux-dev"
+    teacher_path: str | None = None
     # Local directory or hub id that overrides the preset's model id.
     model_path: str | None = None
     # Where tiny presets are built once and loaded from (FluxPipeline.from_pretrained).
@@ -134,7 +137,7 @@ class Settings(BaseSettings):
 
     @property
     def readable_buckets(self) -> list[str]:
-        return self.s3_input_buckets or [self.s3_bucket]
+        return [self.s3_bucket, *self.s3_input_buckets]
 
 
 @lru_cache

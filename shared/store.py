@@ -90,6 +90,32 @@ class JobStore:
                 except redis.WatchError:
                     continue
 
+    def fail_unreadable(self, job_id: str, message: str) -> None:
+        """Fail a record that breaks the contract (written by a foreign producer, say), so
+        it does not stay queued forever; edited as raw JSON, since it does not parse."""
+        key = keys.job_key(job_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    document = json.loads(raw) if raw else None
+                    if not isinstance(document, dict) or document.get("state") in ("succeeded", "failed", "cancelled"):
+                        pipe.reset()
+                        return
+                    document.update(
+                        state="failed",
+                        finished_at=utcnow().isoformat(),
+                        error={"code": "invalid_input", "message": message, "field": None},
+                    )
+                    pipe.multi()
+                    pipe.set(key, json.dumps(document), keepttl=True)
+                    pipe.publish(keys.job_events_channel(job_id), "failed")
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+
     def cancel(self, job_id: str) -> tuple[JobRecord, bool]:
         """Cancel a job that has not finished; returns the record and whether this call cancelled it."""
         cancelled = False

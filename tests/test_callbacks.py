@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -202,7 +203,8 @@ def test_naive_timestamps_are_rejected() -> None:
 
 
 class Receiver(BaseHTTPRequestHandler):
-    """Answers by path: /ok 200, /fail 500, /redirect 302 to /target, /slow after 2 s."""
+    """Answers by path: /ok 200, /fail 500, /redirect 302 to /target (or the server's
+    ``redirect_to``), /slow after 2 s."""
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -210,10 +212,10 @@ class Receiver(BaseHTTPRequestHandler):
         received.append((self.path, dict(self.headers), body))
         if self.path == "/slow":
             time.sleep(2)
-        status = {"/ok": 200, "/fail": 500, "/redirect": 302}.get(self.path, 404)
+        status = {"/ok": 200, "/fail": 500, "/redirect": 302}.get(self.path.split("?")[0], 404)
         self.send_response(status)
         if status == 302:
-            self.send_header("Location", "/target")
+            self.send_header("Location", getattr(self.server, "redirect_to", "/target"))
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -223,16 +225,26 @@ class Receiver(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def receiver() -> Iterator[tuple[str, list[tuple[str, dict[str, str], bytes]]]]:
+@contextmanager
+def serving(**attributes: object) -> Iterator[tuple[ThreadingHTTPServer, str, list]]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     server.daemon_threads = True
     server.received = []  # type: ignore[attr-defined]
+    for name, value in attributes.items():
+        setattr(server, name, value)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", server.received  # type: ignore
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server, f"http://127.0.0.1:{server.server_address[1]}", server.received  # type: ignore
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[tuple[str, dict[str, str], bytes]]]]:
+    with serving() as (_, base, received):
+        yield base, received
 
 
 PAYLOAD = {"job_id": "j1", "state": "succeeded", "note": "naïve ✓"}
@@ -312,3 +324,256 @@ def test_private_target_is_refused_at_delivery_time(receiver) -> None:
 def test_callback_failed_survives_pickling() -> None:
     copy = pickle.loads(pickle.dumps(CallbackFailed("answered 503", 503)))
     assert (str(copy), copy.status) == ("answered 503", 503)
+
+
+# --- delivery connects only where the check looked -----------------------------------------
+
+PUBLIC = "93.184.215.14"  # a public address: what the hostile name claims at check time
+
+
+class RebindingDNS:
+    """A name that answers a public address on the first lookup and 127.0.0.1 after it:
+    the classic DNS rebinding attack on check-then-connect. IP literals resolve as usual."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.lookups: list[str] = []
+
+    def __call__(self, host, port, *args, **kwargs):
+        try:
+            ipaddress.ip_address(host)
+            return self.real(host, port, *args, **kwargs)
+        except ValueError:
+            pass
+        self.lookups.append(host)
+        address = PUBLIC if len(self.lookups) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port or 0))]
+
+
+@pytest.fixture
+def connects(monkeypatch):
+    """Records every TCP connect; ``connects.route`` maps an address to where it really goes
+    (None: refused, as an unreachable public host would be)."""
+
+    real = socket.create_connection
+
+    class Recorder(list):
+        route: dict[str, tuple[str, int] | None] = {}
+
+    recorder = Recorder()
+
+    def create_connection(address, *args, **kwargs):
+        recorder.append(tuple(address))
+        if address[0] in recorder.route:
+            routed = recorder.route[address[0]]
+            if routed is None:
+                raise ConnectionRefusedError(111, "Connection refused (test)")
+            address = routed
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    return recorder
+
+
+def test_dns_rebinding_cannot_redirect_delivery_to_a_private_address(receiver, connects, monkeypatch) -> None:
+    base, received = receiver
+    port = int(base.rsplit(":", 1)[1])
+    dns = RebindingDNS(socket.getaddrinfo)
+    # The HTTP client resolving the name itself would get the second answer, 127.0.0.1,
+    # where the local receiver listens: that must never happen.
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    connects.route[PUBLIC] = None  # the checked public host does not answer
+
+    with pytest.raises(CallbackFailed, match="ConnectError"):
+        deliver(
+            f"http://hooks.example.com:{port}/ok",
+            PAYLOAD,
+            msg_id="m",
+            secret=SECRET,
+            timeout_s=5,
+            allowlist=[],
+            resolve=dns,
+        )
+
+    assert dns.lookups == ["hooks.example.com"]  # resolved once, for the check
+    assert connects == [(PUBLIC, port)]  # connected only to the checked address
+    assert received == []
+
+
+def test_delivery_goes_to_the_checked_address_with_the_original_host_header(receiver, connects) -> None:
+    base, received = receiver
+    port = int(base.rsplit(":", 1)[1])
+    connects.route[PUBLIC] = ("127.0.0.1", port)  # the "public" host is the local receiver
+
+    status = deliver(
+        f"http://hooks.example.com:{port}/ok?x=1",
+        PAYLOAD,
+        msg_id="msg_7",
+        secret=SECRET,
+        timeout_s=5,
+        allowlist=[],
+        resolve=fake_dns(PUBLIC),
+    )
+
+    assert status == 200
+    assert connects == [(PUBLIC, port)]
+    [(path, headers, body)] = received
+    assert path == "/ok?x=1"
+    assert {k.lower(): v for k, v in headers.items()}["host"] == f"hooks.example.com:{port}"
+    assert Webhook(SECRET).verify(body, headers) == PAYLOAD
+
+
+def test_each_checked_address_is_tried_in_resolver_order(receiver, connects) -> None:
+    base, received = receiver
+    port = int(base.rsplit(":", 1)[1])
+    connects.route.update({PUBLIC: None, "93.184.215.15": ("127.0.0.1", port)})
+
+    status = deliver(
+        f"http://hooks.example.com:{port}/ok",
+        PAYLOAD,
+        msg_id="m",
+        secret=None,
+        timeout_s=5,
+        allowlist=[],
+        resolve=fake_dns(PUBLIC, "93.184.215.15"),
+    )
+
+    assert status == 200
+    assert connects == [(PUBLIC, port), ("93.184.215.15", port)]
+    assert len(received) == 1
+
+
+def test_one_private_answer_refuses_delivery_before_any_connect(receiver, connects) -> None:
+    base, received = receiver
+    port = int(base.rsplit(":", 1)[1])
+    with pytest.raises(CallbackRefused, match="127.0.0.1"):
+        deliver(
+            f"http://hooks.example.com:{port}/ok",
+            PAYLOAD,
+            msg_id="m",
+            secret=SECRET,
+            timeout_s=5,
+            allowlist=[],
+            resolve=fake_dns(PUBLIC, "127.0.0.1"),
+        )
+    assert connects == [] and received == []
+
+
+def test_allowlisted_name_is_resolved_once_and_keeps_its_host_header(receiver) -> None:
+    base, received = receiver
+    port = int(base.rsplit(":", 1)[1])
+    calls: list[str] = []
+
+    def resolve(host, port_, **kwargs):
+        calls.append(host)
+        return fake_dns("127.0.0.1")(host, port_, **kwargs)
+
+    status = deliver(
+        f"http://hooks.internal:{port}/ok",
+        PAYLOAD,
+        msg_id="m",
+        secret=None,
+        timeout_s=5,
+        allowlist=["hooks.internal"],
+        resolve=resolve,
+    )
+
+    assert status == 200 and calls == ["hooks.internal"]
+    assert {k.lower(): v for k, v in received[0][1].items()}["host"] == f"hooks.internal:{port}"
+
+
+def test_https_delivery_sends_the_original_name_for_sni(connects, tmp_path) -> None:
+    """The connection goes to the checked IP, but TLS still names the host (SNI and the
+    certificate check), so an https receiver behind a shared IP gets the right certificate."""
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hooks.example.com")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("hooks.example.com")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server_names: list[str | None] = []
+    context.sni_callback = lambda sock, server_name, ctx: server_names.append(server_name)
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(5)
+        port = listener.getsockname()[1]
+
+        def accept_one() -> None:
+            try:
+                conn, _ = listener.accept()
+                with context.wrap_socket(conn, server_side=True):
+                    pass
+            except (OSError, ssl.SSLError):
+                pass  # the client refuses the self-signed certificate; the SNI is what counts
+
+        thread = threading.Thread(target=accept_one, daemon=True)
+        thread.start()
+        connects.route[PUBLIC] = ("127.0.0.1", port)
+        # The self-signed certificate is not trusted, so the delivery fails after the
+        # handshake began; it proves the certificate is still checked, too.
+        with pytest.raises(CallbackFailed):
+            deliver(
+                f"https://hooks.example.com:{port}/ok",
+                PAYLOAD,
+                msg_id="m",
+                secret=None,
+                timeout_s=5,
+                allowlist=[],
+                resolve=fake_dns(PUBLIC),
+            )
+        thread.join(5)
+
+    assert connects == [(PUBLIC, port)]
+    assert server_names == ["hooks.example.com"]
+
+
+def test_proxy_environment_variables_are_ignored(receiver, monkeypatch) -> None:
+    """A proxy resolves and connects on its own, past the address check: never use one."""
+    base, received = receiver
+    with serving() as (_, proxy, proxied):
+        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, proxy)
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+
+        assert send(f"{base}/ok") == 200
+
+    assert proxied == []
+    assert [path for path, _, _ in received] == ["/ok"]
+
+
+def test_redirect_to_a_private_address_is_not_followed(receiver) -> None:
+    base, received = receiver
+    with serving() as (_, private, reached):
+        with serving(redirect_to=f"{private}/latest/meta-data/") as (_, redirector, redirected):
+            with pytest.raises(CallbackFailed, match="redirects are not followed") as caught:
+                send(f"{redirector}/redirect")
+
+    assert caught.value.status == 302
+    assert [path for path, _, _ in redirected] == ["/redirect"]
+    assert reached == []

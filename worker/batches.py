@@ -1,7 +1,8 @@
-"""What the batcher's model thread runs: one generate call or one refine call per batch.
+"""What the batcher's model thread runs: one model call (or pair of calls) per batch.
 
-Keys say which jobs may share a call: ``GenerateKey`` (size, steps, guidance) and
-``RefineKey`` (size). Each job gets back its own images and the batch's stage timings.
+Keys say which jobs may share a call: ``GenerateKey`` (size, steps, guidance),
+``RefineKey`` (size) and ``PairKey`` (size; student and teacher use their presets' steps).
+Each job gets back its own images and the batch's stage timings.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ class RefineKey:
 
 
 @dataclass(frozen=True)
+class PairKey:
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
 class GenerateItem:
     prompt: str
     seed: int
@@ -47,15 +54,24 @@ def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
+@dataclass(frozen=True)
+class PairOutput:
+    student: torch.Tensor  # (3, H, W)
+    teacher: torch.Tensor  # (3, H, W)
+    timings_ms: dict[str, float]  # of the whole batch
+
+
 class ModelWork:
     """``run_batch`` for the DynamicBatcher, over the registry's resident models."""
 
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
 
-    def __call__(self, key: GenerateKey | RefineKey, items: list) -> list[ModelOutput]:
+    def __call__(self, key: GenerateKey | RefineKey | PairKey, items: list) -> list:
         if isinstance(key, GenerateKey):
             return self._generate(key, items)
+        if isinstance(key, PairKey):
+            return self._pairs(key, items)
         return self._refine(items)
 
     def _generate(self, key: GenerateKey, items: list[GenerateItem]) -> list[ModelOutput]:
@@ -78,6 +94,29 @@ class ModelWork:
             refined = dict(zip(wanted, self.registry.refine(images[wanted]), strict=True))
             timings["refine"] = _ms(started)
         return [ModelOutput(images[i], refined.get(i), timings) for i in range(len(items))]
+
+    def _pairs(self, key: PairKey, items: list[GenerateItem]) -> list[PairOutput]:
+        """The same prompts and seeds through the student, then the teacher, each at its
+        preset's own steps and guidance."""
+        prompts, seeds = [item.prompt for item in items], [item.seed for item in items]
+        images, timings = {}, {}
+        for role, pipe, preset in (
+            ("student", self.registry.pipeline, self.registry.preset),
+            ("teacher", self.registry.teacher, self.registry.teacher_preset),
+        ):
+            started = time.perf_counter()
+            images[role] = generate(
+                pipe,
+                prompts,
+                seeds,
+                width=key.width,
+                height=key.height,
+                steps=preset.steps,
+                guidance=preset.guidance,
+                max_sequence_length=preset.max_sequence_length,
+            )
+            timings[role] = _ms(started)
+        return [PairOutput(images["student"][i], images["teacher"][i], timings) for i in range(len(items))]
 
     def _refine(self, items: list[torch.Tensor]) -> list[ModelOutput]:
         started = time.perf_counter()

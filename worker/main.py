@@ -30,7 +30,9 @@ def run_worker(settings: Settings, queues: list[str], *, loglevel: str = "INFO",
 
     metrics.start_metrics_server(settings.metrics_port)
     if model_queues:
-        tasks.configure_runner(settings, hostname, generator=settings.queue_generate in queues)
+        tasks.configure_runner(
+            settings, hostname, generator=settings.queue_generate in queues, teacher=settings.queue_pairs in queues
+        )
         concurrency = settings.worker_concurrency
     else:
         concurrency = settings.callback_concurrency

@@ -33,20 +33,34 @@ class ModelRegistry:
 
     @cached_property
     def pipeline(self) -> FluxPipeline:
+        """The generator (and, for dataset pairs, the student)."""
+        return self._load(self.preset, self.settings.model_path)
+
+    @cached_property
+    def teacher(self) -> FluxPipeline:
+        """The dataset pairs' teacher; it shares the student's VAE and text encoders."""
+        return self._load(self.teacher_preset, self.settings.teacher_path, share_from=self.pipeline)
+
+    @cached_property
+    def teacher_preset(self) -> Preset:
+        return get_preset(self.settings.teacher_preset)
+
+    def _load(self, preset: Preset, model_path: str | None, share_from: FluxPipeline | None = None) -> FluxPipeline:
         started = time.perf_counter()
         pipe = load_pipeline(
-            self.preset,
-            model_path=self.settings.model_path,
+            preset,
+            model_path=model_path,
             cache_dir=self.settings.model_cache_dir,
             device=self.device,
             dtype=self.dtype,
+            share_from=share_from,
             cpu_offload=self.settings.cpu_offload,
             vae_tiling=self.settings.vae_tiling,
         )
         if self.batch_invariant:
             make_batch_invariant(pipe)
-        self.load_seconds[self.preset.name] = round(time.perf_counter() - started, 3)
-        logger.info("loaded %s on %s (%s) in %.1f s", self.preset.name, self.device, self.dtype, self.load_seconds[self.preset.name])
+        self.load_seconds[preset.name] = round(time.perf_counter() - started, 3)
+        logger.info("loaded %s on %s (%s) in %.1f s", preset.name, self.device, self.dtype, self.load_seconds[preset.name])
         return pipe
 
     @cached_property
@@ -64,10 +78,12 @@ class ModelRegistry:
             return torch.cat([self.refiner(image) for image in images.split(1)])
         return self.refiner(images)
 
-    def warm_up(self, *, generator: bool) -> None:
+    def warm_up(self, *, generator: bool, teacher: bool = False) -> None:
         """Load (and run once) what this worker's queues need, before it consumes."""
-        if generator:
+        if generator or teacher:
             warm_up(self.pipeline, self.preset)
+        if teacher:
+            warm_up(self.teacher, self.teacher_preset)
         side = self.preset.min_size
         self.refine(torch.zeros(1, 3, side, side))
 

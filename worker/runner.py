@@ -6,6 +6,7 @@ No Celery here: tasks call ``JobRunner.run(job_id)``; everything the runner touc
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
-from shared.errors import RefineryError
 from shared.images import (
     ALGORITHMICALLY_ENHANCED,
     CONTENT_TYPES,
@@ -25,13 +26,26 @@ from shared.images import (
     decode_image,
     encode_image,
 )
-from shared.jobs import GenerateSpec, JobError, JobRecord, JobResult, JobState, RefineSpec, utcnow
+from shared.datasets import pair_uris
+from shared.errors import InvalidInput, RefineryError
+from shared.jobs import (
+    GenerateSpec,
+    JobError,
+    JobRecord,
+    JobResult,
+    JobState,
+    OutputFormat,
+    PairSpec,
+    RefineSpec,
+    parse_s3_uri,
+    utcnow,
+)
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore
 from worker import metrics
 from worker.batcher import DynamicBatcher
-from worker.batches import GenerateItem, GenerateKey, ModelOutput, RefineKey
+from worker.batches import GenerateItem, GenerateKey, ModelOutput, PairKey, PairOutput, RefineKey
 from worker.leases import LeaseKeeper
 from worker.registry import ModelRegistry
 
@@ -108,7 +122,12 @@ class JobRunner:
     def run(self, job_id: str) -> float | None:
         """Run one delivery of a job. Returns None when done with it, or the seconds after
         which it should be delivered again (held by another live worker, or retrying)."""
-        claim = self._claim(job_id)
+        try:
+            claim = self._claim(job_id)
+        except ValidationError as exc:
+            logger.warning("job %s: record breaks the job contract: %s", job_id, exc.errors()[0]["msg"])
+            self.store.fail_unreadable(job_id, f"the job record breaks the contract: {exc.errors()[0]['msg']}")
+            return None
         if not claim.claimed:
             return claim.retry_in
         record = claim.record
@@ -198,6 +217,8 @@ class JobRunner:
 
     def _process(self, record: JobRecord, timer: StageTimer) -> Outcome:
         spec = record.spec
+        if isinstance(spec, PairSpec):
+            return self._process_pair(record, spec, timer)
         if isinstance(spec, GenerateSpec):
             preset = self.registry.preset
             steps = spec.steps or preset.steps
@@ -249,6 +270,58 @@ class JobRunner:
             format=fmt,
         )
         return outcome
+
+    def _process_pair(self, record: JobRecord, spec: PairSpec, timer: StageTimer) -> Outcome:
+        """Student and teacher images for one prompt and seed, then the manifest row."""
+        served = {"student": self.registry.preset.name, "teacher": self.registry.teacher_preset.name}
+        for role, preset in served.items():
+            if getattr(spec, role) != preset:
+                raise InvalidInput(f"this worker serves {preset!r}, not {getattr(spec, role)!r}", field=role)
+        if parse_s3_uri(spec.dataset + "/x")[0] != self.settings.s3_bucket:
+            raise InvalidInput(f"datasets are written to the bucket {self.settings.s3_bucket!r} only", field="dataset")
+
+        batched = self.batcher.submit(PairKey(spec.width, spec.height), GenerateItem(spec.prompt, spec.seed, False), spec.priority.rank)
+        output: PairOutput = batched.result
+        timer.ms["batch_wait"] = round(batched.waited_s * 1000, 3)
+        timer.ms.update(output.timings_ms)
+        with timer("encode"):
+            encoded = {
+                role: encode_image(
+                    to_pil(getattr(output, role)),
+                    OutputFormat.png,
+                    Provenance(record.job_id, preset, "none", spec.seed, TRAINED_ALGORITHMIC_MEDIA),
+                )
+                for role, preset in served.items()
+            }
+        outcome = Outcome(None, None, batched.batch_size)
+        if self.store.get(record.job_id).state is JobState.cancelled:
+            return outcome
+
+        uris = pair_uris(spec.dataset, spec.pair_id)
+        row = {
+            "pair_id": spec.pair_id,
+            "prompt": spec.prompt,
+            "attributes": spec.attributes,
+            "seed": spec.seed,
+            "width": spec.width,
+            "height": spec.height,
+            **{role: self._preset_row(role) for role in served},
+            # Per image: the batch's time shared by its images (what a pair costs).
+            "timings_ms": {role: round(output.timings_ms[role] / batched.batch_size, 3) for role in served},
+            "batch_size": batched.batch_size,
+            "job_id": record.job_id,
+        }
+        with timer("upload"):
+            for role in served:
+                self.storage.put(uris[role], encoded[role], CONTENT_TYPES[OutputFormat.png])
+            # Last: a manifest row means a complete pair (what resuming relies on).
+            self.storage.put(uris["manifest"], json.dumps(row).encode(), "application/json")
+        outcome.result = JobResult(uri=uris["manifest"], width=spec.width, height=spec.height, format=OutputFormat.png, files=uris)
+        return outcome
+
+    def _preset_row(self, role: str) -> dict:
+        preset = self.registry.preset if role == "student" else self.registry.teacher_preset
+        return {"preset": preset.name, "steps": preset.steps, "guidance": preset.guidance}
 
     def _load_input(self, spec: RefineSpec, timer: StageTimer) -> torch.Tensor:
         with timer("load_input"):

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 _runner = None  # the JobRunner of a model worker, built once per process
 
 
-def configure_runner(settings: Settings, worker_name: str, *, generator: bool) -> None:
+def configure_runner(settings: Settings, worker_name: str, *, generator: bool, teacher: bool = False) -> None:
     """Load and warm the models before the worker consumes (``refinery worker`` calls this)."""
     global _runner
     from shared.storage import Storage
@@ -36,7 +36,7 @@ def configure_runner(settings: Settings, worker_name: str, *, generator: bool) -
     from worker.runner import JobRunner
 
     registry = ModelRegistry(settings)
-    registry.warm_up(generator=generator)
+    registry.warm_up(generator=generator, teacher=teacher)
     batcher = DynamicBatcher(
         ModelWork(registry),
         max_batch=lambda key: settings.max_batch_for(key.width, key.height),
@@ -75,6 +75,11 @@ def generate_and_refine(self: Task, job_id: str) -> None:
 
 @app.task(name=keys.TASK_REFINE, bind=True, max_retries=None)
 def refine_only(self: Task, job_id: str) -> None:
+    _run(self, job_id)
+
+
+@app.task(name=keys.TASK_PAIR, bind=True, max_retries=None)
+def pair(self: Task, job_id: str) -> None:
     _run(self, job_id)
 
 

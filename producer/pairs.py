@@ -1,0 +1,135 @@
+"""Synthetic pair datasets at scale: ``refinery pairs generate`` and ``refinery pairs status``.
+
+Every pair is one ``pair`` job on the pairs queue, so any number of pair workers (student
+and teacher resident) share the work. Prompts and seeds are fixed by the dataset seed and
+the pair's index, so a run can stop and resume: pairs whose manifest row exists are skipped,
+and a pair already queued is not queued twice (its idempotency key names it).
+A local directory as ``--out`` is served through S3 (``<prefix>/datasets/<dir name>``):
+workers write there and this side mirrors each finished pair into the directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from producer.client import Client, JobHandle
+from producer.prompts import build_prompts
+from shared.broker import queue_depth
+from shared.datasets import pair_id_of, pair_paths
+from shared.jobs import JobState, parse_s3_uri
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a dataset goes: always an S3 prefix, and optionally a local mirror."""
+
+    dataset: str  # s3://bucket/prefix
+    mirror: Path | None
+
+
+def resolve_target(client: Client, out: str) -> Target:
+    if out.startswith("s3://"):
+        return Target(out.rstrip("/"), None)
+    local = Path(out).resolve()
+    settings = client.settings
+    return Target(f"s3://{settings.s3_bucket}/{settings.s3_prefix}/datasets/{local.name}", local)
+
+
+def pair_id(index: int) -> str:
+    return f"{index:07d}"
+
+
+def written_pairs(client: Client, dataset: str) -> set[str]:
+    """Ids of complete pairs: those with a manifest row."""
+    bucket, prefix = parse_s3_uri(dataset + "/manifest/x")
+    prefix = prefix.removesuffix("x")
+    found = set()
+    for page in client.storage.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        found.update(pair_id_of(obj["Key"]) for obj in page.get("Contents", []))
+    return found
+
+
+def submit(
+    client: Client,
+    target: Target,
+    *,
+    count: int,
+    student: str,
+    teacher: str,
+    width: int,
+    height: int,
+    seed: int = 0,
+) -> tuple[list[JobHandle], int]:
+    """Queue the pairs of indices 0..count-1 not written yet; returns (handles, skipped)."""
+    done = written_pairs(client, target.dataset)
+    handles = []
+    for index, prompt in enumerate(build_prompts(count, seed=seed)):
+        if pair_id(index) in done:
+            continue
+        handles.append(
+            client.submit_pair(
+                prompt.text,
+                dataset=target.dataset,
+                pair_id=pair_id(index),
+                # Pair i's seed: the dataset seed offset by its index.
+                seed=seed + index,
+                width=width,
+                height=height,
+                attributes=prompt.attributes,
+                student=student,
+                teacher=teacher,
+            )
+        )
+    return handles, count - len(handles)
+
+
+def wait(client: Client, target: Target, handles: Iterable[JobHandle], total: int, console: Console) -> dict[str, int]:
+    """Wait for the pairs with a progress bar and ETA; mirror each finished one locally."""
+    outcome = {"succeeded": 0, "failed": 0, "cancelled": 0}
+    handles = list(handles)
+    columns = (TextColumn("pairs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("pairs", total=total, completed=total - len(handles))
+        for handle in handles:
+            record = handle.wait()
+            outcome[record.state.value] += 1
+            if record.state is JobState.failed:
+                field = f" {record.error.field}:" if record.error.field else ""
+                console.print(f"pair {record.spec.pair_id} failed [{record.error.code}]{field} {record.error.message}", markup=False)
+            progress.advance(task)
+    if target.mirror is not None:
+        mirror(client, target)
+    return outcome
+
+
+def mirror(client: Client, target: Target) -> int:
+    """Download the complete pairs the local directory lacks; returns how many."""
+    fetched = 0
+    for pid in sorted(written_pairs(client, target.dataset)):
+        paths = pair_paths(pid)
+        if (target.mirror / paths["manifest"]).exists():
+            continue
+        # Images first and the manifest row last, as the worker writes them.
+        for name in ("student", "teacher", "manifest"):
+            local = target.mirror / paths[name]
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(client.storage.get(f"{target.dataset}/{paths[name]}"))
+        fetched += 1
+    return fetched
+
+
+def status(client: Client, target: Target) -> dict[str, object]:
+    counts: dict[str, object] = {
+        "dataset": target.dataset,
+        "written": len(written_pairs(client, target.dataset)),
+        "queued": queue_depth(client.store.redis, client.settings.queue_pairs),
+    }
+    if target.mirror is not None:
+        counts["local"] = str(target.mirror)
+        counts["mirrored"] = sum(1 for _ in (target.mirror / "manifest").glob("*.json"))
+    return counts

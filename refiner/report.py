@@ -1,0 +1,186 @@
+"""What `refinery eval` leaves behind for people: `report.md`, `spectrum.png`, `samples.png`.
+
+Plots are drawn with PIL, so evaluation needs no plotting library.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+COLOURS = {"student": (214, 39, 40), "refined": (31, 119, 180), "teacher": (44, 160, 44)}
+
+
+def plot_spectra(path: Path, frequencies: np.ndarray, spectra: dict[str, np.ndarray], cutoff: float) -> None:
+    """Log power against frequency, one line per image set, the high-frequency cutoff dashed."""
+    width, height, left, right, top, bottom = 680, 420, 64, 20, 34, 48
+    logs = {name: np.log10(np.maximum(values, 1e-20)) for name, values in spectra.items()}
+    low = math.floor(min(v.min() for v in logs.values()))
+    high = max(math.ceil(max(v.max() for v in logs.values())), low + 1)
+    x_of = lambda f: left + f / 0.5 * (width - left - right)  # noqa: E731  (Nyquist at the right edge)
+    y_of = lambda v: top + (high - v) / (high - low) * (height - top - bottom)  # noqa: E731
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    step = max(1, (high - low) // 8)  # at most ~8 labelled decades
+    for decade in range(low, high + 1, step):
+        y = y_of(decade)
+        draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
+        draw.text((6, y - 6), f"1e{decade}", fill="black")
+    for tick in np.arange(0, 0.51, 0.1):
+        x = x_of(tick)
+        draw.line([(x, top), (x, height - bottom)], fill=(225, 225, 225))
+        draw.text((x - 8, height - bottom + 6), f"{tick:.1f}", fill="black")
+    for y in range(top, height - bottom, 8):  # dashed: where "high frequency" starts
+        draw.line([(x_of(cutoff), y), (x_of(cutoff), y + 4)], fill=(120, 120, 120))
+    draw.text((x_of(cutoff) + 4, top + 4), "HF cutoff", fill=(120, 120, 120))
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for index, (name, values) in enumerate(logs.items()):
+        # The first line drawn widest, so a later one lying on it (identity refiner) leaves it visible.
+        draw.line([(x_of(f), y_of(v)) for f, v in zip(frequencies, values)], fill=COLOURS.get(name, "black"),
+                  width=5 if index == 0 else 2)
+    for row, name in enumerate(logs):  # legend, top right
+        y = top + 8 + 14 * row
+        draw.line([(width - right - 110, y + 6), (width - right - 88, y + 6)], fill=COLOURS.get(name, "black"), width=3)
+        draw.text((width - right - 82, y), name, fill="black")
+    draw.text((left, 10), "radially averaged power spectrum of the grayscale image (log10 power)", fill="black")
+    draw.text((left + 150, height - 20), "spatial frequency (cycles / pixel)", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def sample_grid(path: Path, samples: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """One pair per row, `student | refined | teacher`, its id on the left; small images are
+    enlarged (nearest neighbour) to at least 128 px so texture stays visible."""
+    header, caption = 16, 110
+    rows = []
+    for pair_id, *images in samples:
+        strip = torch.cat(images, dim=-1)  # (3, H, 3W)
+        array = (strip.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        scale = max(1, math.ceil(128 / array.shape[0]))
+        size = (array.shape[1] * scale, array.shape[0] * scale)
+        rows.append((pair_id, Image.fromarray(array).resize(size, Image.NEAREST)))
+    size = (caption + max(row.width for _, row in rows), header + sum(row.height for _, row in rows))
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    column = rows[0][1].width // 3
+    for index, label in enumerate(("student", "refined", "teacher")):
+        draw.text((caption + index * column + 4, 2), label, fill="black")
+    y = header
+    for pair_id, row in rows:
+        canvas.paste(row, (caption, y))
+        draw.text((4, y + 4), pair_id if len(pair_id) <= 16 else pair_id[:15] + "…", fill="black")
+        y += row.height
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def _f(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def write_report(path: Path, metrics: dict[str, Any], context: dict[str, Any]) -> None:
+    """The markdown report: `metrics` as in metrics.json, `context` the facts around them
+    (data, device, affine source, extractor calibration, KID spread, cutoff)."""
+    p, fid, kid, detail, cost = metrics["paired"], metrics["fid"], metrics["kid"], metrics["detail"], metrics["cost"]
+    lines = [
+        "# Refiner evaluation",
+        "",
+        f"- data: `{context['data']}`, split `{metrics['split']}`, {metrics['pairs']} pairs",
+        f"- refiner: `{metrics['refiner_version']}`, run on `{context['device']}`",
+        f"- feature extractor: `{fid['extractor']}`",
+        f"- affine baseline: {context['affine_source']}",
+        "",
+    ]
+    if not context["calibrated"]:
+        lines += [
+            "> **Warning: uncalibrated FID/KID.** No InceptionV3 weights file was given, so the features come",
+            "> from a fixed-seed random conv net. These values rank refiners on this dataset; they are",
+            "> **not** comparable with published FIDs. Pass `--inception-weights pt_inception-2015-12-05-*.pth`.",
+            "",
+        ]
+    lines += [
+        "## Scores against the teacher",
+        "",
+        "| score | student | refined | affine baseline |",
+        "| --- | ---: | ---: | ---: |",
+        f"| L1 (lower is better) | {_f(p['student']['l1'], '.5f')} | {_f(p['refined']['l1'], '.5f')} "
+        f"| {_f(p['affine']['l1'], '.5f')} |",
+        f"| PSNR dB | {_f(p['student']['psnr'], '.2f')} | {_f(p['refined']['psnr'], '.2f')} | |",
+        f"| SSIM | {_f(p['student']['ssim'])} | {_f(p['refined']['ssim'])} | |",
+        f"| FID | {_f(fid['student_teacher'], '.3f')} | {_f(fid['refined_teacher'], '.3f')} | |",
+        f"| KID (± std over subsets) | {_f(kid['student_teacher'], '.5f')} "
+        f"± {_f(context['kid_std']['student'], '.5f')} "
+        f"| {_f(kid['refined_teacher'], '.5f')} ± {_f(context['kid_std']['refined'], '.5f')} | |",
+        f"| HF energy / teacher's (1 is the teacher's detail) | {_f(detail['student_hf_ratio'], '.3f')} "
+        f"| {_f(detail['refined_hf_ratio'], '.3f')} | |",
+        "",
+        f"**FIDdiff = {_f(fid['fiddiff'], '.3f')}, gap closed = {_f(fid['gap_closed'], '.1%')}.**",
+        "",
+        "Definitions (the paper names an FID-based difference score without publishing its formula):",
+        "FIDdiff = FID(student, teacher) - FID(refined, teacher), positive when the refiner moves the",
+        "student's images towards the teacher's distribution; gap closed = 1 - FID(refined, teacher) /",
+        "FID(student, teacher): 100% is indistinguishable from the teacher, 0% no better than the student,",
+        "negative worse. FID and KID are biased by the number of images: compare runs on the same pairs",
+        "with the same extractor only. L1, PSNR and SSIM are means over pairs, each image against its own",
+        "teacher image (refined images rounded to 8 bits, as served; PSNR capped at 100 dB). The affine",
+        "baseline is the best global per-channel colour correction `a * x + b`: a refiner must beat it.",
+        "",
+        "## Detail",
+        "",
+        "![power spectra](spectrum.png)",
+        "",
+        f"The high-frequency energy is the share of the grayscale image's variance above {context['cutoff']}",
+        "cycles/pixel (the upper half of the radial band up to Nyquist, after removing the mean and applying",
+        "a Hann window), summed over pairs and divided by the teacher's. Distilled models lose fine detail,",
+        "so the student's ratio is typically below 1; a good refiner brings it back towards 1 (above 1 is",
+        "added noise or oversharpening).",
+        "",
+        "## Fairness",
+        "",
+        "Paired and detail scores per prompt attribute value. Improvement = 1 - refined L1 / student L1;",
+        "a negative one (marked **worse**) means the refiner harms that group.",
+        "",
+    ]
+    for attribute, groups in metrics["fairness"].items():
+        lines += [
+            f"### {attribute}",
+            "",
+            "| value | pairs | student L1 | refined L1 | improvement | student PSNR | refined PSNR "
+            "| student HF | refined HF |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for value, g in groups.items():
+            worse = " **worse**" if g["improvement"] is not None and g["improvement"] < 0 else ""
+            lines.append(
+                f"| {value} | {g['count']} | {_f(g['student_l1'], '.5f')} | {_f(g['refined_l1'], '.5f')} "
+                f"| {_f(g['improvement'], '.1%')}{worse} | {_f(g['student_psnr'], '.2f')} "
+                f"| {_f(g['refined_psnr'], '.2f')} "
+                f"| {_f(g['student_hf_ratio'], '.3f')} | {_f(g['refined_hf_ratio'], '.3f')} |"
+            )
+        lines.append("")
+    lines += [
+        "## Cost per image",
+        "",
+        "| stage | ms per image | measured |",
+        "| --- | ---: | --- |",
+        f"| student generation | {_f(cost['student_ms'], '.2f')} | manifest `timings_ms`, on the generating worker |",
+        f"| teacher generation | {_f(cost['teacher_ms'], '.2f')} | manifest `timings_ms`, on the generating worker |",
+        f"| refiner | {_f(cost['refiner_ms'], '.2f')} "
+        f"| here, on `{context['device']}`, batch of {context['batch_size']} |",
+        "",
+        f"Cost reduction of student + refiner against the teacher: **{_f(cost['reduction'], '.1%')}**"
+        " (1 - (student + refiner) / teacher). Generation and refinement were timed on different machines",
+        "unless the pairs were generated on this device; compare like with like.",
+        "",
+        "## Samples",
+        "",
+        "![student | refined | teacher](samples.png)",
+        "",
+    ]
+    path.write_text("\n".join(lines))

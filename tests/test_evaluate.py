@@ -1,0 +1,204 @@
+"""Unit tests for refiner evaluation (`refiner.evaluate`, `refiner.metrics`, `refiner.report`).
+
+The pair sets are synthetic, written in the pairs layout without any diffusion model: the
+teacher is a smooth random field with fine texture on top, the student variants are the
+teacher itself, the teacher blurred and colour-shifted (it lacks high frequencies, as a
+distilled model's images do), or a pure per-channel colour shift. Every evaluation runs the
+identity refiner and the uncalibrated extractor on 24 pairs of 64x64: about a second each.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from refiner import RefinerUNet
+from refiner.data import PairDataset
+from refiner.evaluate import FAIRNESS_ATTRIBUTES, evaluate, main
+from refiner.metrics import InceptionV3FID, build_extractor, fid_gap, load_inception
+
+SIZE, PAIRS = 64, 24
+ATTRIBUTES = {
+    "age_group": ["young_adult", "adult", "senior"],
+    "gender_presentation": ["woman", "man"],
+    "ethnicity_region": ["east_asian", "west_african", "northern_european", "south_asian"],
+}
+SHIFT_A, SHIFT_B = np.array([0.6, 0.8, 0.5]), np.array([0.3, 0.05, 0.4])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two shared cores: one thread runs these small tensors steadily (see test_training.py).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def teacher_image(rng: np.random.Generator) -> np.ndarray:
+    """A smooth colour field (8x8 noise, upsampled) plus pixel-level texture, (H, W, 3) in [0, 1]."""
+    coarse = Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((SIZE, SIZE), Image.BICUBIC)
+    texture = rng.normal(0, 0.08, (SIZE, SIZE, 1))
+    return np.clip(np.asarray(coarse) / 255 * 0.7 + 0.15 + texture, 0, 1)
+
+
+def blur(image: np.ndarray) -> np.ndarray:
+    """5x5 box blur (edges replicated): removes most energy above a quarter of the sample rate."""
+    padded = np.pad(image, ((2, 2), (2, 2), (0, 0)), mode="edge")
+    return sum(padded[dy : dy + SIZE, dx : dx + SIZE] for dy in range(5) for dx in range(5)) / 25
+
+
+def write_pairs(root: Path, student_of) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "manifest").mkdir(parents=True)
+    for index in range(PAIRS):
+        pair_id = f"pair{index:03d}"
+        teacher = teacher_image(rng)
+        folder = root / "pairs" / pair_id
+        folder.mkdir(parents=True)
+        for name, image in (("teacher", teacher), ("student", student_of(teacher))):
+            Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(folder / f"{name}.png")
+        row = {
+            "pair_id": pair_id,
+            "prompt": f"portrait {index}",
+            "attributes": {name: values[index % len(values)] for name, values in ATTRIBUTES.items()},
+            "seed": index,
+            "width": SIZE,
+            "height": SIZE,
+            "student": {"preset": "tiny-schnell", "steps": 4, "guidance": 0.0},
+            "teacher": {"preset": "tiny-dev", "steps": 28, "guidance": 3.5},
+            "timings_ms": {"student": 3.5, "teacher": 13.5},
+        }
+        (root / "manifest" / f"{pair_id}.json").write_text(json.dumps(row))
+    return root
+
+
+@pytest.fixture(scope="module")
+def identical(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    root = write_pairs(tmp_path_factory.mktemp("identical"), lambda teacher: teacher)
+    out = root / "eval"
+    return evaluate(root, None, out, split="all"), out
+
+
+@pytest.fixture(scope="module")
+def blurred(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    root = write_pairs(tmp_path_factory.mktemp("blurred"), lambda teacher: blur(teacher) * 0.9 + 0.05)
+    out = root / "eval"
+    return evaluate(root, None, out, split="all"), out
+
+
+def test_identical_sets_score_perfectly(identical) -> None:
+    metrics, _ = identical
+    for name in ("student", "refined"):  # the identity refiner returns the student, pixel for pixel
+        assert metrics["paired"][name]["l1"] == 0
+        assert metrics["paired"][name]["psnr"] == pytest.approx(100)  # the cap for identical images
+        assert metrics["paired"][name]["ssim"] == pytest.approx(1, abs=1e-6)
+        assert metrics["detail"][f"{name}_hf_ratio"] == pytest.approx(1)
+    assert metrics["fid"]["student_teacher"] == pytest.approx(0, abs=1e-3)
+    assert metrics["fid"]["gap_closed"] is None  # no gap to close
+    assert "uncalibrated" in metrics["fid"]["extractor"]
+
+
+def test_blurred_student_lacks_detail_and_identity_refiner_changes_nothing(blurred, identical) -> None:
+    metrics, _ = blurred
+    assert metrics["detail"]["student_hf_ratio"] < 0.5
+    assert metrics["paired"]["student"]["l1"] > 0.03
+    assert metrics["fid"]["student_teacher"] > 100 * max(abs(identical[0]["fid"]["student_teacher"]), 1e-3)
+    assert metrics["kid"]["student_teacher"] > identical[0]["kid"]["student_teacher"]
+    # The identity refiner: refined scores are the student's, so FIDdiff is 0 and nothing is closed.
+    assert metrics["paired"]["refined"] == metrics["paired"]["student"]
+    assert metrics["detail"]["refined_hf_ratio"] == metrics["detail"]["student_hf_ratio"]
+    assert metrics["fid"]["refined_teacher"] == pytest.approx(metrics["fid"]["student_teacher"])
+    assert metrics["fid"]["fiddiff"] == pytest.approx(0, abs=1e-6)
+    assert metrics["fid"]["gap_closed"] == pytest.approx(0, abs=1e-6)
+    # A colour correction undoes the shift but not the blur.
+    assert 0 < metrics["paired"]["affine"]["l1"] < metrics["paired"]["student"]["l1"]
+
+
+def test_fid_gap_arithmetic() -> None:
+    assert fid_gap(40.0, 10.0) == (30.0, 0.75)
+    assert fid_gap(40.0, 0.0) == (40.0, 1.0)  # refined indistinguishable from the teacher
+    assert fid_gap(40.0, 50.0) == (-10.0, -0.25)  # the refiner made it worse
+    assert fid_gap(0.0, 5.0) == (-5.0, None)  # no gap to close: the share is undefined
+
+
+def test_metrics_json_keys_fairness_and_pngs(blurred) -> None:
+    metrics, out = blurred
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    expected = {
+        "paired": {"student": {"l1", "psnr", "ssim"}, "refined": {"l1", "psnr", "ssim"}, "affine": {"l1"}},
+        "fid": {"student_teacher", "refined_teacher", "fiddiff", "gap_closed", "extractor"},
+        "kid": {"student_teacher", "refined_teacher"},
+        "detail": {"student_hf_ratio", "refined_hf_ratio"},
+        "cost": {"student_ms", "teacher_ms", "refiner_ms", "reduction"},
+    }
+    assert set(metrics) == {*expected, "fairness", "pairs", "split", "refiner_version"}
+    for group, keys in expected.items():
+        if isinstance(keys, dict):
+            assert {k: set(v) for k, v in metrics[group].items()} == keys
+        else:
+            assert set(metrics[group]) == keys
+    assert (metrics["pairs"], metrics["split"], metrics["refiner_version"]) == (PAIRS, "all", "identity")
+
+    # One entry per attribute value, counts summing to the pairs; identity: improvement 0 everywhere.
+    assert set(metrics["fairness"]) == set(FAIRNESS_ATTRIBUTES)
+    for attribute, values in ATTRIBUTES.items():
+        groups = metrics["fairness"][attribute]
+        assert set(groups) == set(values)
+        assert sum(g["count"] for g in groups.values()) == PAIRS
+        assert all(g["improvement"] == 0 and g["student_hf_ratio"] < 1 for g in groups.values())
+
+    cost = metrics["cost"]
+    assert (cost["student_ms"], cost["teacher_ms"]) == (3.5, 13.5)
+    assert cost["refiner_ms"] > 0
+    assert cost["reduction"] == pytest.approx(1 - (3.5 + cost["refiner_ms"]) / 13.5)
+
+    for name in ("spectrum.png", "samples.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width > 100
+            image.verify()
+    with Image.open(out / "samples.png") as image:  # 8 rows of 64 px enlarged to 128, under a header
+        assert image.height == 16 + 8 * 128
+    report = (out / "report.md").read_text()
+    assert "FIDdiff = FID(student, teacher) - FID(refined, teacher)" in report
+    assert "uncalibrated" in report and "ethnicity_region" in report
+
+
+def test_affine_baseline_fixes_a_pure_colour_shift(tmp_path: Path) -> None:
+    root = write_pairs(tmp_path / "shift", lambda teacher: teacher * SHIFT_A + SHIFT_B)
+    metrics = evaluate(root, None, tmp_path / "eval", split="all")
+    assert metrics["paired"]["student"]["l1"] > 0.05
+    assert metrics["paired"]["affine"]["l1"] < 0.005  # only 8-bit rounding is left
+
+
+def test_cli_reads_the_training_card(tmp_path: Path, blurred) -> None:
+    data = blurred[1].parent
+    refiner_dir = tmp_path / "run" / "refiner"
+    RefinerUNet(base_channels=8, channel_mults=(1, 2)).save_pretrained(refiner_dir)
+    # The card's split and affine baseline are the ones used: a = 1, b = 0 is the student itself.
+    card = {"data": {"val_fraction": 0.5}, "affine_baseline": {"a": [1.0] * 3, "b": [0.0] * 3}}
+    (refiner_dir / "refiner.json").write_text(json.dumps(card))
+    assert main(["--data", str(data), "--refiner", str(refiner_dir), "--limit", "5"]) == 0
+    metrics = json.loads((tmp_path / "run" / "eval-val" / "metrics.json").read_text())
+    assert metrics["split"] == "val" and metrics["pairs"] == min(5, len(PairDataset(data, "val", val_fraction=0.5)))
+    assert metrics["refiner_version"].startswith("refiner@")
+    assert metrics["paired"]["affine"]["l1"] == pytest.approx(metrics["paired"]["student"]["l1"])
+
+
+def test_inception_weights_load_by_name_and_wrong_files_are_refused(tmp_path: Path) -> None:
+    # Random weights saved under the reference file's keys, classifier included, load and run.
+    state = InceptionV3FID().state_dict()
+    state.update({"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)})
+    torch.save(state, tmp_path / "pt_inception-2015-12-05-test.pth")
+    extractor = build_extractor(tmp_path / "pt_inception-2015-12-05-test.pth")
+    assert extractor.name == "inception-v3-fid (pt_inception-2015-12-05-test.pth)"
+    with torch.inference_mode():
+        assert extractor(torch.rand(1, 3, 48, 48)).shape == (1, 2048)
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a pt_inception"):
+        load_inception(tmp_path / "other.pth")

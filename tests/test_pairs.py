@@ -1,0 +1,55 @@
+"""Dataset pairs through the queue: a pairs worker with student and teacher resident."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from producer.local_stack import LocalStack
+from refiner.data import PairDataset
+
+pytestmark = pytest.mark.integration
+
+
+def _refinery(stack, *args):
+    return subprocess.run([sys.executable, "-m", "producer", *args], env=stack.env, capture_output=True, text=True, timeout=300)
+
+
+def test_pairs_generate_writes_a_resumable_dataset(tmp_path):
+    out = tmp_path / "dataset"
+    with LocalStack(tmp_path / "stack", max_batch=4) as stack:
+        stack.start_worker("pairs", [stack.settings.queue_pairs])
+        args = ["pairs", "generate", "--count", "6", "--out", str(out), "--width", "32", "--height", "48"]
+        first = _refinery(stack, *args, "--student", "tiny-schnell", "--teacher", "tiny-dev")
+        again = _refinery(stack, *args)  # presets default to the settings: the same pair
+        more = _refinery(stack, *[a if a != "6" else "8" for a in args])
+        status = _refinery(stack, "pairs", "status", "--out", str(out), "--json")
+        wrong = _refinery(stack, "pairs", "generate", "--count", "1", "--out", "s3://refinery-local/other", "--teacher", "flux-dev", "--width", "256", "--height", "256")
+
+    assert first.returncode == 0, first.stderr
+    assert "6 pairs queued, 0 already written" in first.stdout
+    assert "0 pairs queued, 6 already written" in again.stdout
+    assert "2 pairs queued, 6 already written" in more.stdout
+    assert json.loads(status.stdout)["written"] == 8 and json.loads(status.stdout)["mirrored"] == 8
+
+    rows = [json.loads(p.read_text()) for p in sorted((out / "manifest").glob("*.json"))]
+    assert [r["pair_id"] for r in rows] == [f"{i:07d}" for i in range(8)]
+    assert [r["seed"] for r in rows] == list(range(8))
+    assert rows[0]["student"] == {"preset": "tiny-schnell", "steps": 4, "guidance": 0.0}
+    assert rows[0]["teacher"] == {"preset": "tiny-dev", "steps": 28, "guidance": 3.5}
+    assert {"age_group", "gender_presentation", "ethnicity_region"} <= rows[0]["attributes"].keys()
+    assert rows[0]["timings_ms"]["teacher"] > 0 and rows[0]["batch_size"] >= 1
+    student = Image.open(out / "pairs/0000000/student.png")
+    teacher = Image.open(out / "pairs/0000000/teacher.png")
+    assert student.size == teacher.size == (32, 48)
+    assert student.tobytes() != teacher.tobytes()
+
+    # What training reads.
+    total = len(PairDataset(out, "train")) + len(PairDataset(out, "val"))
+    assert total == 8
+    # A job for presets this worker does not serve fails with the field named.
+    assert wrong.returncode == 2 and "failed [invalid_input] teacher:" in wrong.stdout
