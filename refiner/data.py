@@ -236,3 +236,16 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             batch[key] = values
     return batch
+
+
+def batched_pairs(dataset: PairDataset, count: int, batch_size: int) -> Iterator[dict[str, Any]]:
+    """The first `count` pairs, batched; consecutive pairs of one size go together."""
+    batch: list[dict[str, Any]] = []
+    for index in range(min(count, len(dataset))):
+        item = dataset[index]
+        if batch and (item["student"].shape != batch[0]["student"].shape or len(batch) == batch_size):
+            yield collate_pairs(batch)
+            batch = []
+        batch.append(item)
+    if batch:
+        yield collate_pairs(batch)

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from refiner.data import PairDataset, collate_pairs
+from refiner.baseline import apply_affine, fit_affine
+from refiner.data import PairDataset, batched_pairs
 from refiner.loading import Refiner, load_refiner
 from refiner.metrics import (
     FREQUENCIES,
@@ -42,7 +43,7 @@ from refiner.metrics import (
     spectral_scores,
 )
 from refiner.report import plot_spectra, sample_grid, write_report
-from refiner.train import EXPORT_JSON, apply_affine, fit_affine
+from refiner.train import EXPORT_JSON
 
 logger = logging.getLogger(__name__)
 
@@ -52,19 +53,6 @@ DEFAULT_VAL_FRACTION = 0.1  # PairDataset's and training's default
 SAMPLE_PAIRS = 8
 AFFINE_FIT_PAIRS = 1024  # as training fits it
 SETS = ("student", "refined", "teacher")
-
-
-def _batches(dataset: PairDataset, count: int, batch_size: int) -> Iterator[dict[str, Any]]:
-    """The first `count` pairs, batched; consecutive pairs of one size go together."""
-    batch: list[dict[str, Any]] = []
-    for index in range(count):
-        item = dataset[index]
-        if batch and (item["student"].shape != batch[0]["student"].shape or len(batch) == batch_size):
-            yield collate_pairs(batch)
-            batch = []
-        batch.append(item)
-    if batch:
-        yield collate_pairs(batch)
 
 
 def _sync(device: torch.device) -> None:
@@ -194,7 +182,7 @@ def evaluate(
     samples: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     refiner_ms = None
     with torch.inference_mode(), tqdm(total=count, desc="eval", unit="pair", dynamic_ncols=True) as progress:
-        for batch in _batches(dataset, count, batch_size):
+        for batch in batched_pairs(dataset, count, batch_size):
             student, teacher = batch["student"], batch["teacher"]  # (B, 3, H, W) on the CPU
             if refiner_ms is None:
                 refiner_ms = time_refiner(model, student)

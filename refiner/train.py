@@ -47,6 +47,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from refiner.baseline import apply_affine, fit_affine
 from refiner.cyclegan import (
     CYCLEGAN_ARCHS,
     CycleLossWeights,
@@ -55,7 +56,12 @@ from refiner.cyclegan import (
     discriminator_loss,
     generator_loss,
 )
-from refiner.data import PairDataset, ResumableBatchSampler, collate_pairs
+from refiner.data import (
+    PairDataset,
+    ResumableBatchSampler,
+    batched_pairs,
+    collate_pairs,
+)
 from refiner.losses import PERCEPTUAL_LOSSES, PairedLoss
 from refiner.network import RefinerUNet
 
@@ -164,44 +170,6 @@ def get_lr(step: int, config: TrainConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - min_lr)
 
 
-def fit_affine(dataset: PairDataset, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel least squares `teacher ~ a * student + b` over up to `count` pairs (evenly
-    spaced through the split). Returns `a`, `b` as `(3,)` tensors."""
-    indices = np.linspace(0, len(dataset) - 1, num=min(count, len(dataset))).round().astype(int)
-    n = torch.zeros(3, dtype=torch.float64)
-    sx, sy, sxx, sxy = (torch.zeros(3, dtype=torch.float64) for _ in range(4))
-    for index in sorted(set(indices.tolist())):
-        item = dataset[index]
-        x = item["student"].double().flatten(1)  # (3, H*W)
-        y = item["teacher"].double().flatten(1)
-        n += x.shape[1]
-        sx, sy = sx + x.sum(1), sy + y.sum(1)
-        sxx, sxy = sxx + (x * x).sum(1), sxy + (x * y).sum(1)
-    var = sxx / n - (sx / n) ** 2
-    cov = sxy / n - (sx / n) * (sy / n)
-    a = torch.where(var > 1e-12, cov / var.clamp(min=1e-12), torch.ones_like(var))
-    b = sy / n - a * sx / n
-    return a.float(), b.float()
-
-
-def apply_affine(images: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    view = (1, -1, 1, 1)
-    return (images * a.to(images).view(view) + b.to(images).view(view)).clamp(0, 1)
-
-
-def _val_batches(dataset: PairDataset, count: int, batch_size: int):
-    """The first `count` val pairs, batched; consecutive pairs of one size go together."""
-    batch: list[dict[str, Any]] = []
-    for index in range(min(count, len(dataset))):
-        item = dataset[index]
-        if batch and (item["student"].shape != batch[0]["student"].shape or len(batch) == batch_size):
-            yield collate_pairs(batch)
-            batch = []
-        batch.append(item)
-    if batch:
-        yield collate_pairs(batch)
-
-
 @torch.no_grad()
 def evaluate(
     network: RefinerUNet, dataset: PairDataset, config: TrainConfig, accelerator: Accelerator,
@@ -213,7 +181,7 @@ def evaluate(
     network.eval()
     sums = {"val_l1_refined": 0.0, "val_l1_student": 0.0, "val_l1_affine": 0.0}
     pairs = 0
-    for batch in _val_batches(dataset, config.max_val_pairs, config.batch_size):
+    for batch in batched_pairs(dataset, config.max_val_pairs, config.batch_size):
         student = batch["student"].to(accelerator.device)
         teacher = batch["teacher"].to(accelerator.device)
         with accelerator.autocast():
@@ -237,7 +205,7 @@ def save_sample_grid(
     was_training = network.training
     network.eval()
     rows = []
-    for batch in _val_batches(dataset, config.sample_pairs, config.batch_size):
+    for batch in batched_pairs(dataset, config.sample_pairs, config.batch_size):
         student = batch["student"].to(accelerator.device)
         with accelerator.autocast():
             refined = network(student).float().clamp(0, 1)

@@ -69,48 +69,52 @@ class JobStore:
 
     def update(self, job_id: str, mutate: Mutation) -> JobRecord:
         """Apply ``mutate`` atomically (optimistic WATCH/MULTI); returns the stored record."""
-        key = keys.job_key(job_id)
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        raise JobNotFound(f"no job {job_id!r} (unknown or expired)", field="job_id")
-                    current = JobRecord.model_validate_json(raw)
-                    new = mutate(current.model_copy(deep=True))
-                    if new is None:
-                        pipe.reset()
-                        return current
-                    pipe.multi()
-                    pipe.set(key, new.model_dump_json(), keepttl=True)
-                    pipe.publish(keys.job_events_channel(job_id), new.state.value)
-                    pipe.execute()
-                    return new
-                except redis.WatchError:
-                    continue
+        stored: JobRecord | None = None
+
+        def edit(raw: bytes | None) -> tuple[str, str] | None:
+            nonlocal stored
+            if raw is None:
+                raise JobNotFound(f"no job {job_id!r} (unknown or expired)", field="job_id")
+            stored = JobRecord.model_validate_json(raw)
+            new = mutate(stored.model_copy(deep=True))
+            if new is None:
+                return None
+            stored = new
+            return new.model_dump_json(), new.state.value
+
+        self._edit(job_id, edit)
+        return stored
 
     def fail_unreadable(self, job_id: str, message: str) -> None:
         """Fail a record that breaks the contract (written by a foreign producer, say), so
         it does not stay queued forever; edited as raw JSON, since it does not parse."""
+
+        def edit(raw: bytes | None) -> tuple[str, str] | None:
+            document = json.loads(raw) if raw else None
+            if not isinstance(document, dict) or document.get("state") in ("succeeded", "failed", "cancelled"):
+                return None
+            error = {"code": "invalid_input", "message": message, "field": None}
+            document.update(state="failed", finished_at=utcnow().isoformat(), error=error)
+            return json.dumps(document), "failed"
+
+        self._edit(job_id, edit)
+
+    def _edit(self, job_id: str, edit: Callable[[bytes | None], tuple[str, str] | None]) -> None:
+        """The optimistic transaction both edits share: ``edit(raw)`` returns the new JSON
+        and the state to publish, or None to leave the record as it is; it runs again
+        whenever another client wrote the record in between."""
         key = keys.job_key(job_id)
         with self.redis.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(key)
-                    raw = pipe.get(key)
-                    document = json.loads(raw) if raw else None
-                    if not isinstance(document, dict) or document.get("state") in ("succeeded", "failed", "cancelled"):
+                    change = edit(pipe.get(key))
+                    if change is None:
                         pipe.reset()
                         return
-                    document.update(
-                        state="failed",
-                        finished_at=utcnow().isoformat(),
-                        error={"code": "invalid_input", "message": message, "field": None},
-                    )
                     pipe.multi()
-                    pipe.set(key, json.dumps(document), keepttl=True)
-                    pipe.publish(keys.job_events_channel(job_id), "failed")
+                    pipe.set(key, change[0], keepttl=True)
+                    pipe.publish(keys.job_events_channel(job_id), change[1])
                     pipe.execute()
                     return
                 except redis.WatchError:

@@ -14,8 +14,8 @@ import sys
 import httpx
 import pytest
 import standardwebhooks
-from standardwebhooks.webhooks import WebhookVerificationError
 from PIL import Image
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from producer.local_stack import wait_until
 from shared.errors import CallbackRefused, InvalidInput

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from shared.datasets import pair_uris
+from shared.errors import InvalidInput, RefineryError
 from shared.images import (
     ALGORITHMICALLY_ENHANCED,
     CONTENT_TYPES,
@@ -26,8 +28,6 @@ from shared.images import (
     decode_image,
     encode_image,
 )
-from shared.datasets import pair_uris
-from shared.errors import InvalidInput, RefineryError
 from shared.jobs import (
     GenerateSpec,
     JobError,

@@ -1,0 +1,104 @@
+"""The refiner's whole life, end to end through the real system, on the tiny presets.
+
+    python benchmarks/refiner_pipeline.py [--pairs 4096] [--size 64] [--minutes 10] [--seeds 0 1 2]
+
+1. a private stack (redis-server, S3, one pairs worker with tiny-schnell and tiny-dev
+   resident) and ``refinery pairs generate`` into a local directory;
+2. ``refinery train --arch unet-cbam`` once per seed, each capped at ``--minutes``;
+3. ``refinery eval`` of each run on the held-out pairs.
+Prints the acceptance figures (refined L1 against the student's and the affine colour
+baseline's, FID refined vs student, same extractor) with their spread over the seeds, and
+writes benchmarks/results/refiner_pipeline.json. Takes about pairs/1000 + seeds x
+(minutes + 1) minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from producer.local_stack import LocalStack
+
+RESULTS = Path(__file__).parent / "results" / "refiner_pipeline.json"
+
+
+def refinery(env: dict, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "producer", *args], env=env, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=4096)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--steps-per-minute", type=int, default=180, help="sets the lr schedule's length (measured ~3 steps/s here)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work", type=Path, default=None, help="keep data and runs here (default: a temporary directory)")
+    args = parser.parse_args()
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="refinery-pipeline-"))
+    data = work / "data"
+    started = time.perf_counter()
+    with LocalStack(work / "stack", max_batch=16) as stack:
+        stack.start_worker("pairs", [stack.settings.queue_pairs])
+        refinery(stack.env, "pairs", "generate", "--count", str(args.pairs), "--out", str(data), "--width", str(args.size), "--height", str(args.size))
+        env = stack.env
+    generate_s = time.perf_counter() - started
+
+    runs = []
+    for seed in args.seeds:
+        run = work / f"run-seed{seed}"
+        began = time.perf_counter()
+        steps = int(args.minutes * args.steps_per_minute)
+        refinery(env, "train", "--data", str(data), "--arch", "unet-cbam", "--out", str(run), "--seed", str(seed),
+                 "--steps", str(steps), "--max-minutes", str(args.minutes))
+        train_s = time.perf_counter() - began
+        refinery(env, "eval", "--data", str(data), "--refiner", str(run / "refiner"), "--out", str(run / "eval"))
+        metrics = json.loads((run / "eval" / "metrics.json").read_text())
+        paired, fid = metrics["paired"], metrics["fid"]
+        runs.append({
+            "seed": seed,
+            "train_seconds": round(train_s, 1),
+            "student_l1": paired["student"]["l1"],
+            "affine_l1": paired["affine"]["l1"],
+            "refined_l1": paired["refined"]["l1"],
+            "refined_over_student": paired["refined"]["l1"] / paired["student"]["l1"],
+            "refined_over_affine": paired["refined"]["l1"] / paired["affine"]["l1"],
+            "fid_student_teacher": fid["student_teacher"],
+            "fid_refined_teacher": fid["refined_teacher"],
+            "fid_extractor": fid["extractor"],
+            "hf_ratio_student": metrics["detail"]["student_hf_ratio"],
+            "hf_ratio_refined": metrics["detail"]["refined_hf_ratio"],
+        })
+
+    def spread(key: str) -> dict:
+        values = [r[key] for r in runs]
+        return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
+
+    result = {
+        "pairs": args.pairs,
+        "size": args.size,
+        "minutes_per_run": args.minutes,
+        "pair_generation_seconds": round(generate_s, 1),
+        "refined_over_student": spread("refined_over_student"),
+        "refined_over_affine": spread("refined_over_affine"),
+        "fid_refined_below_student": all(r["fid_refined_teacher"] < r["fid_student_teacher"] for r in runs),
+        "runs": runs,
+        "work": str(work),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    for r in runs:
+        print(f"seed {r['seed']}: refined/student {r['refined_over_student']:.3f}, refined/affine {r['refined_over_affine']:.3f}, "
+              f"FID student {r['fid_student_teacher']:.3f} -> refined {r['fid_refined_teacher']:.3f} ({r['fid_extractor']})")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
