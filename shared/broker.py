@@ -80,7 +80,6 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        task_time_limit=settings.task_time_limit_s,
         task_default_queue=settings.queue_generate,
         task_routes={
             keys.TASK_GENERATE: {"queue": settings.queue_generate},

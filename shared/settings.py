@@ -84,7 +84,6 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(3600, gt=0)
     # A running job's lease, renewed every third of it; a dead worker's jobs run again after it.
     lease_s: float = Field(60.0, gt=0)
-    task_time_limit_s: int = Field(900, gt=0)
     # Attempts of one job: a worker that died mid-job or an unexpected error counts one.
     # Then it fails (worker_lost or internal_error) and is listed in the dead-letter list.
     max_attempts: int = Field(3, ge=1)
