@@ -51,6 +51,7 @@ from refiner.baseline import apply_affine, fit_affine
 from refiner.cyclegan import (
     CYCLEGAN_ARCHS,
     CycleLossWeights,
+    PatchDiscriminator,
     build_cyclegan,
     count_parameters,
     discriminator_loss,
@@ -62,7 +63,7 @@ from refiner.data import (
     batched_pairs,
     collate_pairs,
 )
-from refiner.losses import PERCEPTUAL_LOSSES, PairedLoss
+from refiner.losses import PERCEPTUAL_LOSSES, PairedLoss, lsgan_loss
 from refiner.network import RefinerUNet
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ class TrainConfig:
     perceptual_weight: float = 0.1
     l1_weight: float = 1.0
     lpips_weights: str | None = None
+    # paired: a pix2pix-style PatchGAN term (0: off). Pixel losses alone regress unpredictable
+    # fine detail to its mean, i.e. blur; the discriminator asks for teacher-like texture.
+    adversarial_weight: float = 0.0
     # unpaired losses
     gan_weight: float = 1.0
     cycle_weight: float = 10.0
@@ -288,6 +292,10 @@ def train(config: TrainConfig) -> Path:
                              config.l1_weight, config.lpips_weights).to(accelerator.device)
         optimizers = {"refiner": torch.optim.AdamW(refiner.parameters(), lr=config.lr, betas=(0.9, 0.99),
                                                    weight_decay=config.weight_decay)}
+        if config.adversarial_weight > 0:
+            networks["discriminator"] = PatchDiscriminator(config.disc_channels)
+            optimizers["discriminator"] = torch.optim.Adam(networks["discriminator"].parameters(), lr=config.lr,
+                                                           betas=(0.5, 0.999))
     else:
         generators, discriminators = build_cyclegan(config.arch, refiner, config.disc_channels)
         networks = {"generators": generators, "discriminators": discriminators}
@@ -337,7 +345,11 @@ def train(config: TrainConfig) -> Path:
     # 6. The run directory: config, metrics (cut back to the checkpoint on resume).
     metrics_path = out / METRICS
     columns = ["step", "lr", "loss"]
-    columns += ["l1", "gradient", config.perceptual, "grad_norm"] if paired else ["gan", "cycle", "identity", "d_loss"]
+    if paired:
+        columns += ["l1", "gradient", config.perceptual, "grad_norm"]
+        columns += ["adversarial", "d_loss"] if config.adversarial_weight > 0 else []
+    else:
+        columns += ["gan", "cycle", "identity", "d_loss"]
     columns = [c for c in columns if c != "none"] + [*VAL_COLUMNS, "elapsed_s"]
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -405,11 +417,24 @@ def train(config: TrainConfig) -> Path:
             with accelerator.autocast():
                 refined = networks["refiner"](student)
             loss, parts = loss_fn(refined, teacher)
+            if "discriminator" in networks:
+                with accelerator.autocast():
+                    parts["adversarial"] = lsgan_loss(networks["discriminator"](refined), real=True)
+                loss = loss + config.adversarial_weight * parts["adversarial"]
             optimizers["refiner"].zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if config.grad_clip > 0:
                 parts["grad_norm"] = accelerator.clip_grad_norm_(networks["refiner"].parameters(), config.grad_clip)
             optimizers["refiner"].step()
+            if "discriminator" in networks:
+                # The discriminator: teacher images are real, refined ones (detached) fake.
+                with accelerator.autocast():
+                    d_loss = 0.5 * (lsgan_loss(networks["discriminator"](teacher), real=True)
+                                    + lsgan_loss(networks["discriminator"](refined.detach()), real=False))
+                optimizers["discriminator"].zero_grad(set_to_none=True)
+                accelerator.backward(d_loss)
+                optimizers["discriminator"].step()
+                parts["d_loss"] = d_loss.detach()
         else:
             # 8c. Unpaired: `teacher` belongs to another pair. Generators first: fool the
             #     discriminators, close both cycles, keep identities.
@@ -551,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-weight", type=float, default=defaults.gradient_weight)
     p.add_argument("--perceptual-weight", type=float, default=defaults.perceptual_weight)
     p.add_argument("--l1-weight", type=float, default=defaults.l1_weight)
+    p.add_argument("--adversarial-weight", type=float, default=defaults.adversarial_weight,
+                   help="unet-cbam: weight of a PatchGAN term against blur (0: off)")
     p.add_argument("--gan-weight", type=float, default=defaults.gan_weight)
     p.add_argument("--cycle-weight", type=float, default=defaults.cycle_weight)
     p.add_argument("--identity-weight", type=float, default=defaults.identity_weight)

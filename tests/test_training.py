@@ -407,6 +407,25 @@ def test_cyclegan_trains_without_nans_and_exports_a_refiner(pairs_dir: Path, tmp
     assert card["architecture"] == arch and card["discriminator_parameters"] > 0
 
 
+def test_paired_adversarial_term_trains_and_resumes(pairs_dir: Path, tmp_path: Path) -> None:
+    common = {"adversarial_weight": 0.05, "lr_decay_steps": 10, "val_every": 5, "sample_every": 0, "checkpoint_every": 0}
+    export = train(_config(pairs_dir, tmp_path / "straight", steps=10, **common))
+    with (tmp_path / "straight" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))[1:]
+    assert all(np.isfinite(float(r[c])) for r in rows for c in ("adversarial", "d_loss"))
+    assert len({r["d_loss"] for r in rows}) > 1  # the discriminator learns
+    assert isinstance(load_refiner(export).network, RefinerUNet)
+
+    train(_config(pairs_dir, tmp_path / "halves", steps=5, **common))
+    train(_config(pairs_dir, tmp_path / "halves", steps=10, resume=True, **common))
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    halves = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=True)["model"]
+    assert set(straight) == {"refiner", "discriminator"}
+    for name in straight:
+        for key, value in straight[name].items():
+            assert torch.allclose(value, halves[name][key], atol=1e-6), (name, key)
+
+
 def test_learning_rate_schedule_and_cli_parsing() -> None:
     config = TrainConfig(data="d", out="o", steps=1000, lr=1e-3).resolved()
     assert config.warmup_steps == 50 and config.lr_decay_steps == 1000
