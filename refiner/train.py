@@ -419,8 +419,9 @@ def train(config: TrainConfig) -> Path:
             loss, parts = loss_fn(refined, teacher)
             if "discriminator" in networks:
                 with accelerator.autocast():
-                    parts["adversarial"] = lsgan_loss(networks["discriminator"](refined), real=True)
-                loss = loss + config.adversarial_weight * parts["adversarial"]
+                    adversarial = lsgan_loss(networks["discriminator"](refined), real=True)
+                loss = loss + config.adversarial_weight * adversarial
+                parts["adversarial"] = adversarial.detach()
             optimizers["refiner"].zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if config.grad_clip > 0:
