@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -28,17 +29,25 @@ def client(stack: LocalStack) -> Client:
 
 
 class CallbackReceiver:
-    """Records every POST it receives: (path, headers, body)."""
+    """A local HTTP server recording every POST: ``received`` (path, headers, body) for
+    ``next``, ``requests`` (bodies as text) for counting. It answers the first
+    ``fail_first`` requests with 503 and waits ``delay_s`` before each answer."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_first: int = 0, delay_s: float = 0.0) -> None:
         self.received: queue.Queue[tuple[str, dict[str, str], bytes]] = queue.Queue()
+        self.requests: list[str] = []
+        lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with lock:
+                    receiver.requests.append(body.decode())
+                    failing = len(receiver.requests) <= fail_first
                 receiver.received.put((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(204)
+                time.sleep(delay_s)
+                self.send_response(503 if failing else 204)
                 self.end_headers()
 
             def log_message(self, *args: object) -> None:
@@ -53,7 +62,19 @@ class CallbackReceiver:
 
 
 @pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
-    r = CallbackReceiver()
-    yield r
-    r.server.shutdown()
+def make_receiver() -> Iterator[Callable[..., CallbackReceiver]]:
+    """``make_receiver(fail_first=0, delay_s=0)``: receivers shut down after the test."""
+    made: list[CallbackReceiver] = []
+
+    def make(**behaviour: float) -> CallbackReceiver:
+        made.append(CallbackReceiver(**behaviour))
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.server.shutdown()
+
+
+@pytest.fixture
+def receiver(make_receiver) -> CallbackReceiver:
+    return make_receiver()

@@ -11,10 +11,8 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -39,37 +37,7 @@ def _wait_running(client: Client, job_ids: list[str], timeout_s: float = 60) -> 
     wait_until(lambda: any(client.status(j).state is JobState.running for j in job_ids), timeout_s=timeout_s, what="a running job")
 
 
-class FlakyReceiver:
-    """A callback receiver that answers ``fail_first`` requests with 503 (or hangs ``delay_s``)."""
-
-    def __init__(self, fail_first: int = 0, delay_s: float = 0.0) -> None:
-        self.requests: list[str] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                with receiver.lock:
-                    receiver.requests.append(body.decode())
-                    failing = len(receiver.requests) <= fail_first
-                time.sleep(delay_s)
-                self.send_response(503 if failing else 204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
-def test_worker_killed_mid_batch_loses_nothing_and_runs_nothing_twice(tmp_path):
-    receiver = FlakyReceiver()
+def test_worker_killed_mid_batch_loses_nothing_and_runs_nothing_twice(tmp_path, receiver):
     with LocalStack(tmp_path, visibility_timeout_s=3, lease_s=3, max_batch=4) as stack:
         stack.start_worker("callbacks", [stack.settings.queue_callbacks])
         stack.start_worker("doomed")
@@ -83,7 +51,6 @@ def test_worker_killed_mid_batch_loses_nothing_and_runs_nothing_twice(tmp_path):
         wait_until(lambda: len(receiver.requests) >= len(jobs), timeout_s=60, what="callbacks")
         time.sleep(2)  # room for a duplicate callback to show up, if there were one
         keys_written = _objects(stack)
-    receiver.close()
 
     assert all(r.state is JobState.succeeded for r in records), [r.error for r in records]
     assert all(r.worker == "rescuer@localstack" for r in records)
@@ -173,10 +140,10 @@ def test_s3_outage_longer_than_the_budget_fails_storage_unavailable(tmp_path):
     assert after.state is JobState.succeeded
 
 
-def test_callbacks_retry_with_backoff_and_never_hold_up_jobs(tmp_path):
-    down_then_up = FlakyReceiver(fail_first=2)
-    slow = FlakyReceiver(delay_s=3)
-    always_down = FlakyReceiver(fail_first=10**6)
+def test_callbacks_retry_with_backoff_and_never_hold_up_jobs(tmp_path, make_receiver):
+    down_then_up = make_receiver(fail_first=2)
+    slow = make_receiver(delay_s=3)
+    always_down = make_receiver(fail_first=10**6)
     with LocalStack(tmp_path, callback_max_retries=3, callback_timeout_s=1) as stack:
         stack.start_worker("worker")
         stack.start_worker("callbacks", [stack.settings.queue_callbacks])
@@ -196,8 +163,6 @@ def test_callbacks_retry_with_backoff_and_never_hold_up_jobs(tmp_path):
         wait_until(lambda: callback(hanging).attempts >= 1, timeout_s=60, what="a timed-out delivery")
         time.sleep(3)  # past the last backoff: no fifth attempt comes
         recovered, abandoned, slowed = (client.status(j.job_id) for j in (recovering, lost, hanging))
-    for receiver in (down_then_up, slow, always_down):
-        receiver.close()
 
     assert all(r.state is JobState.succeeded for r in others)
     assert recovered.callback.attempts == 3 and recovered.callback.last_status == 204 and len(down_then_up.requests) == 3
@@ -225,8 +190,7 @@ def test_poison_job_is_retried_a_bounded_number_of_times_then_dead_lettered(tmp_
     assert [json.loads(line)["job_id"] for line in listed.stdout.splitlines()] == ["poison"]
 
 
-def test_cancel_while_running_publishes_nothing(tmp_path):
-    receiver = FlakyReceiver()
+def test_cancel_while_running_publishes_nothing(tmp_path, receiver):
     with LocalStack(tmp_path) as stack:
         stack.start_worker("worker")
         stack.start_worker("callbacks", [stack.settings.queue_callbacks])
@@ -241,7 +205,6 @@ def test_cancel_while_running_publishes_nothing(tmp_path):
         after = client.submit_generate("portrait", seed=2, width=SIZE, height=SIZE).wait(60)
         wait_until(lambda: len(receiver.requests) >= 1, timeout_s=30, what="cancel callback")
         time.sleep(1)
-    receiver.close()
 
     assert final.state is JobState.cancelled and final.result is None
     assert keys_written == []
