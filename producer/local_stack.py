@@ -99,7 +99,8 @@ class LocalStack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a process of the stack (logged to logs/NAME.log, stopped with the stack)."""
         log = open(self.logs / f"{name}.log", "ab")
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}, cwd=self.workdir)
         log.close()
@@ -110,12 +111,12 @@ class LocalStack:
         argv = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", ""]
         # AOF, as the compose file runs it: a restart keeps queued jobs and records.
         argv += ["--appendonly", "yes" if self.redis_aof else "no", "--dir", str(self.workdir)]
-        process = self._spawn("redis", argv)
+        process = self.spawn("redis", argv)
         client = redis.Redis(port=self.redis_port)
         wait_until(client.ping, timeout_s=10, what="redis-server", process=process, log=self.logs / "redis.log")
 
     def start_s3(self) -> None:
-        process = self._spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)])
+        process = self.spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)])
         url = f"{self.settings.s3_endpoint_url}/moto-api/"
         wait_until(lambda: httpx.get(url).status_code < 500, timeout_s=30, what="S3 (moto)", process=process, log=self.logs / "s3.log")
         Storage(self.settings).ensure_bucket()
@@ -127,7 +128,7 @@ class LocalStack:
         queues = queues or [self.settings.queue_generate, self.settings.queue_refine]
         hostname = f"{name}@localstack"
         argv = [sys.executable, "-m", "producer", "worker", f"--queues={','.join(queues)}", f"--name={hostname}"]
-        process = self._spawn(name, argv, {"REFINERY_METRICS_PORT": str(metrics_port)})
+        process = self.spawn(name, argv, {"REFINERY_METRICS_PORT": str(metrics_port)})
         store = JobStore.from_settings(self.settings)
         wait_until(
             lambda: hostname in store.workers(),

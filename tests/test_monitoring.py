@@ -67,7 +67,7 @@ def test_flower_lists_the_worker_and_its_finished_tasks(tmp_path):
     port = free_port()
     auth = ("ops", "s3cret")
     with LocalStack(tmp_path) as stack:
-        flower = stack._spawn(
+        flower = stack.spawn(
             "flower",
             [sys.executable, "-m", "celery", "--broker", stack.settings.redis_url, "flower",
              f"--port={port}", "--address=127.0.0.1", f"--basic-auth={auth[0]}:{auth[1]}"],
@@ -82,7 +82,11 @@ def test_flower_lists_the_worker_and_its_finished_tasks(tmp_path):
             tasks = httpx.get(f"{api}/tasks", auth=auth, timeout=10).json()
             return all(tasks.get(r.job_id, {}).get("state") == "SUCCESS" for r in records)
 
+        def worker_listed() -> bool:
+            # A refresh broadcasts `inspect` to the workers; a busy moment can miss one reply.
+            workers = httpx.get(f"{api}/workers", params={"refresh": "true"}, auth=auth, timeout=30).json()
+            return "worker@localstack" in workers
+
         wait_until(finished_in_flower, timeout_s=60, what="tasks in flower")
-        workers = httpx.get(f"{api}/workers", params={"refresh": "true"}, auth=auth, timeout=30).json()
+        wait_until(worker_listed, timeout_s=60, what="the worker in flower")
         assert httpx.get(f"{api}/workers", timeout=10).status_code == 401
-    assert "worker@localstack" in workers

@@ -294,7 +294,7 @@ class PasswordStack(LocalStack):
     def start_redis(self, *, appendonly: bool = False) -> None:
         argv = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", ""]
         argv += ["--appendonly", "no", "--dir", str(self.workdir), "--requirepass", self.password]
-        process = self._spawn("redis", argv)
+        process = self.spawn("redis", argv)
         client = redis.Redis(port=self.redis_port, password=self.password)
         wait_until(client.ping, timeout_s=10, what="redis-server", process=process, log=self.logs / "redis.log")
 
