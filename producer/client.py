@@ -78,6 +78,7 @@ class Client:
         check_size_for_preset(spec, self.settings.model_preset)
         # Drawn here, not in the worker, so a redelivered job makes the same image.
         seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
+        self._check(spec)
         return self._submit(spec, seed=seed)
 
     def submit_pair(self, prompt: str, *, dataset: str, pair_id: str, **fields: Any) -> JobHandle:
@@ -88,6 +89,7 @@ class Client:
             PairSpec, prompt=prompt, dataset=dataset, pair_id=pair_id, idempotency_key=f"pair:{dataset_tag}:{pair_id}", **fields
         )
         check_size_for_preset(spec, spec.student)
+        self._check(spec)
         return self._submit(spec, seed=spec.seed)
 
     def submit_refine(self, *, input_uri: str | None = None, image: bytes | None = None, **fields: Any) -> JobHandle:
@@ -113,12 +115,13 @@ class Client:
         return self._submit(spec, job_id=job_id)
 
     def _check(self, spec: GenerateSpec | RefineSpec | PairSpec) -> None:
+        """The checks that need the outside world (DNS, queue depth): once per submit,
+        before anything is written."""
         if spec.callback_url:
             check_callback_url(spec.callback_url, self.settings.callback_allowlist)
         self._admit(self._queue(spec))
 
     def _submit(self, spec: GenerateSpec | RefineSpec | PairSpec, *, seed: int | None = None, job_id: str | None = None) -> JobHandle:
-        self._check(spec)
         queue = self._queue(spec)
         record = JobRecord(job_id=job_id or uuid.uuid4().hex, kind=spec.kind, spec=spec, seed=seed)
         record, created = self.store.create(record, spec.idempotency_key)

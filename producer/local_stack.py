@@ -81,7 +81,6 @@ class LocalStack:
             "metrics_port": 0,  # several workers share this host; start_worker gives each its own
         }
         fields.update(overrides)
-        self.fields = fields
         self.settings = Settings(_env_file=None, **fields)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.env.update({f"REFINERY_{name.upper()}": _env_value(value) for name, value in fields.items()})

@@ -10,9 +10,21 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from producer.client import Client
 from producer.local_stack import LocalStack
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For modules of small CPU networks: the machine's two cores are shared, and two
+    OpenMP threads competing with other processes can spin for seconds at each barrier;
+    one thread runs tiny networks steadily."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -51,14 +51,20 @@ def _wait_pending(batcher: DynamicBatcher, count: int) -> None:
         time.sleep(0.001)
 
 
+def _submit_together(recorder: Recorder, max_batch: int, calls: list[tuple]) -> list:
+    """Submit ``calls`` (key, item[, priority]) while the model thread is held, so all are
+    pending together when the next batch forms; returns their results in call order."""
+    batcher, gate = _blocked(recorder, max_batch)
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(batcher.submit, *call) for call in calls]
+        _wait_pending(batcher, len(calls))
+        gate.set()
+        return [f.result() for f in futures]
+
+
 def test_compatible_jobs_share_a_batch_and_each_gets_its_own_result():
     recorder = Recorder()
-    batcher, gate = _blocked(recorder, 4)
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(batcher.submit, "k", i) for i in range(4)]
-        _wait_pending(batcher, 4)
-        gate.set()
-        results = [f.result() for f in futures]
+    results = _submit_together(recorder, 4, [("k", i) for i in range(4)])
 
     assert [r.result for r in results] == [0, 2, 4, 6]
     assert all(r.batch_size == 4 for r in results)
@@ -67,12 +73,7 @@ def test_compatible_jobs_share_a_batch_and_each_gets_its_own_result():
 
 def test_more_jobs_than_max_batch_are_split():
     recorder = Recorder()
-    batcher, gate = _blocked(recorder, 3)
-    with ThreadPoolExecutor(7) as pool:
-        futures = [pool.submit(batcher.submit, "k", i) for i in range(7)]
-        _wait_pending(batcher, 7)
-        gate.set()
-        results = [f.result() for f in futures]
+    results = _submit_together(recorder, 3, [("k", i) for i in range(7)])
 
     assert [len(b) for b in recorder.batches[1:]] == [3, 3, 1]
     assert sorted(r.result for r in results) == [2 * i for i in range(7)]
@@ -80,12 +81,7 @@ def test_more_jobs_than_max_batch_are_split():
 
 def test_incompatible_keys_never_share_a_batch():
     recorder = Recorder()
-    batcher, gate = _blocked(recorder, 8)
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(batcher.submit, key, i) for i, key in enumerate(["a", "b", "a", "b"])]
-        _wait_pending(batcher, 4)
-        gate.set()
-        [f.result() for f in futures]
+    _submit_together(recorder, 8, [(key, i) for i, key in enumerate(["a", "b", "a", "b"])])
 
     assert sorted(sorted(b) for b in recorder.batches[1:]) == [[0, 2], [1, 3]]
 
@@ -104,24 +100,14 @@ def test_lone_job_is_not_held_for_company():
 
 def test_higher_priority_runs_first():
     recorder = Recorder()
-    batcher, gate = _blocked(recorder, 1)
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(batcher.submit, "k", item, priority) for item, priority in [(1, 6), (2, 3), (3, 0)]]
-        _wait_pending(batcher, 3)
-        gate.set()
-        [f.result() for f in futures]
+    _submit_together(recorder, 1, [("k", item, priority) for item, priority in [(1, 6), (2, 3), (3, 0)]])
 
     assert recorder.batches[1:] == [[3], [2], [1]]
 
 
 def test_out_of_memory_splits_the_batch_and_every_job_succeeds():
     recorder = Recorder(fail_above=2)
-    batcher, gate = _blocked(recorder, 8)
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(batcher.submit, "k", i) for i in range(8)]
-        _wait_pending(batcher, 8)
-        gate.set()
-        results = [f.result() for f in futures]
+    results = _submit_together(recorder, 8, [("k", i) for i in range(8)])
 
     assert sorted(r.result for r in results) == [2 * i for i in range(8)]
     assert all(len(b) <= 2 for b in recorder.batches)

@@ -31,13 +31,7 @@ ATTRIBUTES = {
 SHIFT_A, SHIFT_B = np.array([0.6, 0.8, 0.5]), np.array([0.3, 0.05, 0.4])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores: one thread runs these small tensors steadily (see test_training.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def teacher_image(rng: np.random.Generator) -> np.ndarray:

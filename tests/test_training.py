@@ -46,14 +46,7 @@ PAIRS = 48
 SMALL = {"base_channels": 8, "channel_mults": (1, 2), "disc_channels": 8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The machine's two cores are shared: two OpenMP threads competing with other processes
-    # can spin for seconds at each barrier, one thread runs these tiny networks steadily.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ Each job gets back its own images and the batch's stage timings.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from worker.models import generate
 from worker.registry import ModelRegistry
+from worker.timing import StageTimer
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,6 @@ class ModelOutput:
     timings_ms: dict[str, float]  # of the whole batch
 
 
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
-
-
 @dataclass(frozen=True)
 class PairOutput:
     student: torch.Tensor  # (3, H, W)
@@ -75,51 +71,49 @@ class ModelWork:
         return self._refine(items)
 
     def _generate(self, key: GenerateKey, items: list[GenerateItem]) -> list[ModelOutput]:
-        started = time.perf_counter()
-        images = generate(
-            self.registry.pipeline,
-            [item.prompt for item in items],
-            [item.seed for item in items],
-            width=key.width,
-            height=key.height,
-            steps=key.steps,
-            guidance=key.guidance,
-            max_sequence_length=self.registry.preset.max_sequence_length,
-        )  # (B, 3, H, W)
-        timings = {"generate": _ms(started)}
+        timer = StageTimer()
+        with timer("generate"):
+            images = generate(
+                self.registry.pipeline,
+                [item.prompt for item in items],
+                [item.seed for item in items],
+                width=key.width,
+                height=key.height,
+                steps=key.steps,
+                guidance=key.guidance,
+                max_sequence_length=self.registry.preset.max_sequence_length,
+            )  # (B, 3, H, W)
         wanted = [i for i, item in enumerate(items) if item.refine]
         refined: dict[int, torch.Tensor] = {}
         if wanted:
-            started = time.perf_counter()
-            refined = dict(zip(wanted, self.registry.refine(images[wanted]), strict=True))
-            timings["refine"] = _ms(started)
-        return [ModelOutput(images[i], refined.get(i), timings) for i in range(len(items))]
+            with timer("refine"):
+                refined = dict(zip(wanted, self.registry.refine(images[wanted]), strict=True))
+        return [ModelOutput(images[i], refined.get(i), timer.ms) for i in range(len(items))]
 
     def _pairs(self, key: PairKey, items: list[GenerateItem]) -> list[PairOutput]:
         """The same prompts and seeds through the student, then the teacher, each at its
         preset's own steps and guidance."""
         prompts, seeds = [item.prompt for item in items], [item.seed for item in items]
-        images, timings = {}, {}
+        images, timer = {}, StageTimer()
         for role, pipe, preset in (
             ("student", self.registry.pipeline, self.registry.preset),
             ("teacher", self.registry.teacher, self.registry.teacher_preset),
         ):
-            started = time.perf_counter()
-            images[role] = generate(
-                pipe,
-                prompts,
-                seeds,
-                width=key.width,
-                height=key.height,
-                steps=preset.steps,
-                guidance=preset.guidance,
-                max_sequence_length=preset.max_sequence_length,
-            )
-            timings[role] = _ms(started)
-        return [PairOutput(images["student"][i], images["teacher"][i], timings) for i in range(len(items))]
+            with timer(role):
+                images[role] = generate(
+                    pipe,
+                    prompts,
+                    seeds,
+                    width=key.width,
+                    height=key.height,
+                    steps=preset.steps,
+                    guidance=preset.guidance,
+                    max_sequence_length=preset.max_sequence_length,
+                )
+        return [PairOutput(images["student"][i], images["teacher"][i], timer.ms) for i in range(len(items))]
 
     def _refine(self, items: list[torch.Tensor]) -> list[ModelOutput]:
-        started = time.perf_counter()
-        refined = self.registry.refine(torch.stack(items))
-        timings = {"refine": _ms(started)}
-        return [ModelOutput(raw, out, timings) for raw, out in zip(items, refined, strict=True)]
+        timer = StageTimer()
+        with timer("refine"):
+            refined = self.registry.refine(torch.stack(items))
+        return [ModelOutput(raw, out, timer.ms) for raw, out in zip(items, refined, strict=True)]

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +46,7 @@ from worker.batcher import DynamicBatcher
 from worker.batches import GenerateItem, GenerateKey, ModelOutput, PairKey, PairOutput, RefineKey
 from worker.leases import LeaseKeeper
 from worker.registry import ModelRegistry
+from worker.timing import StageTimer
 
 logger = logging.getLogger(__name__)
 
@@ -62,21 +61,6 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB image -> (1, 3, H, W) float in [0, 1]."""
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return pixels.view(image.height, image.width, 3).permute(2, 0, 1).unsqueeze(0).float() / 255
-
-
-class StageTimer:
-    """Milliseconds per named stage, for the job record's ``timings_ms``."""
-
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.ms[stage] = round((time.perf_counter() - started) * 1000, 3)
 
 
 # Failures of the system rather than of the caller's input: an operator should look.

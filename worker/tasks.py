@@ -61,26 +61,17 @@ def _get_runner():
     return _runner
 
 
-def _run(task: Task, job_id: str) -> None:
+def run_job(task: Task, job_id: str) -> None:
+    """One task body for every model queue; the task name only routes the job."""
     retry_in = _get_runner().run(job_id)
     if retry_in is not None:
         # A new message for the same job, due later; this one is acknowledged.
         raise task.retry(countdown=retry_in)
 
 
-@app.task(name=keys.TASK_GENERATE, bind=True, max_retries=None)
-def generate_and_refine(self: Task, job_id: str) -> None:
-    _run(self, job_id)
-
-
-@app.task(name=keys.TASK_REFINE, bind=True, max_retries=None)
-def refine_only(self: Task, job_id: str) -> None:
-    _run(self, job_id)
-
-
-@app.task(name=keys.TASK_PAIR, bind=True, max_retries=None)
-def pair(self: Task, job_id: str) -> None:
-    _run(self, job_id)
+# generate_and_refine, refine_only, pair: one per queue (shared.broker routes by name).
+for _name in (keys.TASK_GENERATE, keys.TASK_REFINE, keys.TASK_PAIR):
+    app.task(name=_name, bind=True, max_retries=None)(run_job)
 
 
 @app.task(name=keys.TASK_CALLBACK, bind=True, max_retries=None)
