@@ -4,6 +4,7 @@ and two workers sharing one Redis."""
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
 
 import httpx
@@ -76,17 +77,28 @@ def test_flower_lists_the_worker_and_its_finished_tasks(tmp_path):
         wait_until(lambda: httpx.get(f"{api}/workers", auth=auth).status_code == 200, timeout_s=60, what="flower", process=flower)
         stack.start_worker("worker")
         client = Client(stack.settings)
-        records = [client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE).wait(60) for s in range(2)]
+        seen: list = []
 
-        def finished_in_flower() -> bool:
+        def finished_in_flower(records: list) -> bool:
             tasks = httpx.get(f"{api}/tasks", auth=auth, timeout=10).json()
             return all(tasks.get(r.job_id, {}).get("state") == "SUCCESS" for r in records)
+
+        def a_job_seen_finished() -> bool:
+            # Flower sees only the events sent after its receiver subscribed, which can be a
+            # moment after its API answers: run jobs until one shows up as finished.
+            seen.append(client.submit_generate("portrait", seed=len(seen), width=SIZE, height=SIZE).wait(60))
+            time.sleep(0.5)
+            return finished_in_flower(seen[-1:])
+
+        wait_until(a_job_seen_finished, timeout_s=90, what="flower receiving events")
+        # From then on every finished job is listed.
+        records = [client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE).wait(60) for s in range(100, 102)]
+        wait_until(lambda: finished_in_flower(records), timeout_s=60, what="tasks in flower")
 
         def worker_listed() -> bool:
             # A refresh broadcasts `inspect` to the workers; a busy moment can miss one reply.
             workers = httpx.get(f"{api}/workers", params={"refresh": "true"}, auth=auth, timeout=30).json()
             return "worker@localstack" in workers
 
-        wait_until(finished_in_flower, timeout_s=60, what="tasks in flower")
         wait_until(worker_listed, timeout_s=60, what="the worker in flower")
         assert httpx.get(f"{api}/workers", timeout=10).status_code == 401
