@@ -1,6 +1,7 @@
 """The refiner's whole life, end to end through the real system, on the tiny presets.
 
     python benchmarks/refiner_pipeline.py [--pairs 4096] [--size 64] [--minutes 10] [--seeds 0 1 2]
+        [--train-args "--gradient-weight 0 --perceptual-weight 0"] [--results PATH] [--work DIR]
 
 1. a private stack (redis-server, S3, one pairs worker with tiny-schnell and tiny-dev
    resident) and ``refinery pairs generate`` into a local directory;
@@ -8,14 +9,22 @@
 3. ``refinery eval`` of each run on the held-out pairs.
 Prints the acceptance figures (refined L1 against the student's and the affine colour
 baseline's, FID refined vs student, same extractor) with their spread over the seeds, and
-writes benchmarks/results/refiner_pipeline.json. Takes about pairs/1000 + seeds x
-(minutes + 1) minutes on 2 cores.
+writes benchmarks/results/refiner_pipeline.json. Two figures put FID in context:
+
+- the sampling floor: FID between the held-out teacher images and as many other teacher
+  images; a student near it is already indistinguishable from the teacher in distribution;
+- the L1/FID trade-off of blending each refined image back towards its student,
+  `student + t * (refined - student)`, so one sees whether any point meets both bounds.
+
+Takes about pairs/1000 + seeds x (minutes + 1) minutes on 2 cores (generation is skipped
+for pairs already in `--work`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -23,13 +32,45 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from producer.local_stack import LocalStack
+from refiner.data import PairDataset, batched_pairs
+from refiner.loading import load_refiner
+from refiner.metrics import RandomConvFeatures, fid_kid, quantize
 
 RESULTS = Path(__file__).parent / "results" / "refiner_pipeline.json"
+BLENDS = (0.0, 0.25, 0.5, 0.75, 1.0)  # 0: the student, 1: the refiner's output
 
 
 def refinery(env: dict, *args: str) -> None:
     subprocess.run([sys.executable, "-m", "producer", *args], env=env, check=True)
+
+
+def images(dataset: PairDataset, count: int) -> dict[str, torch.Tensor]:
+    batches = list(batched_pairs(dataset, count, 64))
+    return {role: torch.cat([batch[role] for batch in batches]) for role in ("student", "teacher")}
+
+
+@torch.inference_mode()
+def fid_context(data: Path, refiner_dir: Path) -> dict:
+    """The FID sampling floor and the L1/FID trade-off of blending refined towards student,
+    on the held-out pairs, with evaluation's uncalibrated extractor."""
+    val = images(PairDataset(data, "val"), 10**9)
+    other = images(PairDataset(data, "train"), len(val["teacher"]))  # unrelated pairs, same count
+    extractor = RandomConvFeatures()
+    teacher = extractor(val["teacher"])
+    refined = load_refiner(refiner_dir)(val["student"])
+    blends = []
+    for t in BLENDS:
+        blended = quantize(val["student"] + t * (refined - val["student"]))
+        blends.append({"t": t, "l1": (blended - val["teacher"]).abs().mean().item(),
+                       "fid": fid_kid(teacher, extractor(blended))["fid"]})
+    return {
+        "fid_floor_teacher_vs_other_teacher": fid_kid(teacher, extractor(other["teacher"]))["fid"],
+        "fid_other_student": fid_kid(teacher, extractor(other["student"]))["fid"],
+        "blend_towards_refined": blends,
+    }
 
 
 def main() -> None:
@@ -39,6 +80,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--steps-per-minute", type=int, default=180, help="sets the lr schedule's length (measured ~3 steps/s here)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--train-args", default="", help="extra `refinery train` options, e.g. the loss weights")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=None, help="keep data and runs here (default: a temporary directory)")
     args = parser.parse_args()
 
@@ -57,7 +100,7 @@ def main() -> None:
         began = time.perf_counter()
         steps = int(args.minutes * args.steps_per_minute)
         refinery(env, "train", "--data", str(data), "--arch", "unet-cbam", "--out", str(run), "--seed", str(seed),
-                 "--steps", str(steps), "--max-minutes", str(args.minutes))
+                 "--steps", str(steps), "--max-minutes", str(args.minutes), *shlex.split(args.train_args))
         train_s = time.perf_counter() - began
         refinery(env, "eval", "--data", str(data), "--refiner", str(run / "refiner"), "--out", str(run / "eval"))
         metrics = json.loads((run / "eval" / "metrics.json").read_text())
@@ -75,6 +118,7 @@ def main() -> None:
             "fid_extractor": fid["extractor"],
             "hf_ratio_student": metrics["detail"]["student_hf_ratio"],
             "hf_ratio_refined": metrics["detail"]["refined_hf_ratio"],
+            **fid_context(data, run / "refiner"),
         })
 
     def spread(key: str) -> dict:
@@ -85,6 +129,7 @@ def main() -> None:
         "pairs": args.pairs,
         "size": args.size,
         "minutes_per_run": args.minutes,
+        "train_args": args.train_args,
         "pair_generation_seconds": round(generate_s, 1),
         "refined_over_student": spread("refined_over_student"),
         "refined_over_affine": spread("refined_over_affine"),
@@ -92,12 +137,14 @@ def main() -> None:
         "runs": runs,
         "work": str(work),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2) + "\n")
     for r in runs:
         print(f"seed {r['seed']}: refined/student {r['refined_over_student']:.3f}, refined/affine {r['refined_over_affine']:.3f}, "
-              f"FID student {r['fid_student_teacher']:.3f} -> refined {r['fid_refined_teacher']:.3f} ({r['fid_extractor']})")
-    print(f"wrote {RESULTS}")
+              f"FID student {r['fid_student_teacher']:.3f} -> refined {r['fid_refined_teacher']:.3f} ({r['fid_extractor']}); "
+              f"floor {r['fid_floor_teacher_vs_other_teacher']:.3f}")
+        print("  blend t:   " + "  ".join(f"{b['t']:.2f}: L1 {b['l1']:.4f} FID {b['fid']:.3f}" for b in r["blend_towards_refined"]))
+    print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":

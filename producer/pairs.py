@@ -2,8 +2,9 @@
 
 Every pair is one ``pair`` job on the pairs queue, so any number of pair workers (student
 and teacher resident) share the work. Prompts and seeds are fixed by the dataset seed and
-the pair's index, so a run can stop and resume: pairs whose manifest row exists are skipped,
-and a pair already queued is not queued twice (its idempotency key names it).
+the pair's index, so a run can stop and resume: pairs whose manifest row exists (in S3, or
+in the local directory) are skipped, and a pair already queued is not queued twice (its
+idempotency key names it).
 A local directory as ``--out`` is served through S3 (``<prefix>/datasets/<dir name>``):
 workers write there and this side mirrors each finished pair into the directory.
 """
@@ -67,6 +68,10 @@ def submit(
 ) -> tuple[list[JobHandle], int]:
     """Queue the pairs of indices 0..count-1 not written yet; returns (handles, skipped)."""
     done = written_pairs(client, target.dataset)
+    if target.mirror is not None:
+        # A local directory keeps its pairs when the S3 copy is gone (another endpoint, a
+        # private test stack): those need no second generation.
+        done |= {pair_id_of(path.name) for path in (target.mirror / "manifest").glob("*.json")}
     handles = []
     for index, prompt in enumerate(build_prompts(count, seed=seed)):
         if pair_id(index) in done:

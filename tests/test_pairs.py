@@ -29,12 +29,16 @@ def test_pairs_generate_writes_a_resumable_dataset(tmp_path):
         more = _refinery(stack, *[a if a != "6" else "8" for a in args])
         status = _refinery(stack, "pairs", "status", "--out", str(out), "--json")
         wrong = _refinery(stack, "pairs", "generate", "--count", "1", "--out", "s3://refinery-local/other", "--teacher", "flux-dev", "--width", "256", "--height", "256")
+    # A new stack (empty S3, no worker): the local directory's pairs still count as written.
+    with LocalStack(tmp_path / "stack2") as stack:
+        resumed = _refinery(stack, *[a if a != "6" else "8" for a in args])
 
     assert first.returncode == 0, first.stderr
     assert "6 pairs queued, 0 already written" in first.stdout
     assert "0 pairs queued, 6 already written" in again.stdout
     assert "2 pairs queued, 6 already written" in more.stdout
     assert json.loads(status.stdout)["written"] == 8 and json.loads(status.stdout)["mirrored"] == 8
+    assert resumed.returncode == 0 and "0 pairs queued, 8 already written" in resumed.stdout, resumed.stderr
 
     rows = [json.loads(p.read_text()) for p in sorted((out / "manifest").glob("*.json"))]
     assert [r["pair_id"] for r in rows] == [f"{i:07d}" for i in range(8)]
