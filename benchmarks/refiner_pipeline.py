@@ -87,6 +87,7 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="refinery-pipeline-"))
     data = work / "data"
+    already_there = len(list((data / "manifest").glob("*.json")))
     started = time.perf_counter()
     with LocalStack(work / "stack", max_batch=16) as stack:
         stack.start_worker("pairs", [stack.settings.queue_pairs])
@@ -96,7 +97,7 @@ def main() -> None:
 
     runs = []
     for seed in args.seeds:
-        run = work / f"run-seed{seed}"
+        run = work / f"{args.results.stem}-seed{seed}"  # one folder per result file: variants never collide
         began = time.perf_counter()
         steps = int(args.minutes * args.steps_per_minute)
         refinery(env, "train", "--data", str(data), "--arch", "unet-cbam", "--out", str(run), "--seed", str(seed),
@@ -131,6 +132,7 @@ def main() -> None:
         "minutes_per_run": args.minutes,
         "train_args": args.train_args,
         "pair_generation_seconds": round(generate_s, 1),
+        "pairs_already_there": already_there,  # skipped by generation (resumed from --work)
         "refined_over_student": spread("refined_over_student"),
         "refined_over_affine": spread("refined_over_affine"),
         "fid_refined_below_student": all(r["fid_refined_teacher"] < r["fid_student_teacher"] for r in runs),

@@ -106,6 +106,11 @@ class LocalStack:
         self.processes[name] = process
         return process
 
+    def refinery(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+        """Run the ``refinery`` command against this stack; its output is captured as text."""
+        argv = [sys.executable, "-m", "producer", *map(str, args)]
+        return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout_s)
+
     def start_redis(self) -> None:
         argv = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", ""]
         # AOF, as the compose file runs it: a restart keeps queued jobs and records.
@@ -121,13 +126,20 @@ class LocalStack:
         Storage(self.settings).ensure_bucket()
 
     def start_worker(
-        self, name: str, queues: list[str] | None = None, *, metrics_port: int = 0, timeout_s: float = 120
+        self,
+        name: str,
+        queues: list[str] | None = None,
+        *,
+        metrics_port: int = 0,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 120,
     ) -> subprocess.Popen:
-        """Start ``refinery worker`` and return once it announced itself ready."""
+        """Start ``refinery worker`` (``env``: settings of its own, e.g. ``REFINERY_REFINER_PATH``)
+        and return once it announced itself ready."""
         queues = queues or [self.settings.queue_generate, self.settings.queue_refine]
         hostname = f"{name}@localstack"
         argv = [sys.executable, "-m", "producer", "worker", f"--queues={','.join(queues)}", f"--name={hostname}"]
-        process = self.spawn(name, argv, {"REFINERY_METRICS_PORT": str(metrics_port)})
+        process = self.spawn(name, argv, {"REFINERY_METRICS_PORT": str(metrics_port), **(env or {})})
         store = JobStore.from_settings(self.settings)
         wait_until(
             lambda: hostname in store.workers(),

@@ -38,12 +38,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -65,6 +62,7 @@ from refiner.data import (
 )
 from refiner.losses import PERCEPTUAL_LOSSES, PairedLoss, lsgan_loss
 from refiner.network import RefinerUNet
+from refiner.report import sample_grid
 
 logger = logging.getLogger(__name__)
 
@@ -205,31 +203,17 @@ def evaluate(
 def save_sample_grid(
     network: RefinerUNet, dataset: PairDataset, config: TrainConfig, accelerator: Accelerator, path: Path
 ) -> None:
-    """The first val pairs, one per row: student | refined | teacher, each at least 128 px."""
+    """The first val pairs, one per row: student | refined | teacher, as evaluation draws them."""
     was_training = network.training
     network.eval()
-    rows = []
+    samples = []
     for batch in batched_pairs(dataset, config.sample_pairs, config.batch_size):
         student = batch["student"].to(accelerator.device)
         with accelerator.autocast():
             refined = network(student).float().clamp(0, 1)
-        for s, r, t in zip(student.cpu(), refined.cpu(), batch["teacher"]):
-            rows.append(torch.cat([s, r, t], dim=-1))  # (3, H, 3W)
+        samples += zip(batch["pair_id"], student.cpu(), refined.cpu(), batch["teacher"])
     network.train(was_training)
-    width = max(row.shape[-1] for row in rows)
-    tiles = [F.pad(row, (0, width - row.shape[-1])) for row in rows]
-    grid = torch.cat(tiles, dim=-2)  # (3, sum H, 3W)
-    scale = max(1, math.ceil(128 / rows[0].shape[-2]))
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    image = Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST)
-    # A header naming the columns.
-    canvas = Image.new("RGB", (image.width, image.height + 14), "white")
-    canvas.paste(image, (0, 14))
-    draw = ImageDraw.Draw(canvas)
-    for column, label in enumerate(("student", "refined", "teacher")):
-        draw.text((column * image.width // 3 + 3, 1), label, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    sample_grid(path, samples)
 
 
 def _rewrite_metrics(path: Path, up_to_step: int) -> None:
@@ -473,7 +457,10 @@ def train(config: TrainConfig) -> Path:
             scores = evaluate(export_network(), val_set, config, accelerator)
             last_val = scores["val_l1_refined"]
             row.update({**baselines, **scores})
-            if last_val < best["val_l1"]:
+            # Paired training exports its best validation L1, the score it optimises. Unpaired
+            # training optimises no paired score (and in use has no pairs to choose by), so it
+            # exports its last weights, as CycleGAN does; val L1 is only reported for it.
+            if last_val < best["val_l1"] or not paired:
                 best = {"step": step, "val_l1": last_val, "model": copy.deepcopy(export_network().state_dict())}
         if main and due(config.sample_every, step):
             save_sample_grid(export_network(), val_set, config, accelerator,
@@ -493,7 +480,7 @@ def train(config: TrainConfig) -> Path:
     if metrics_file:
         metrics_file.close()
 
-    # 9. Export the best-validation weights with a JSON card saying what they are.
+    # 9. Export the chosen weights (best validation if paired, else the last) with a JSON card.
     export_dir = out / EXPORT
     if main:
         refiner = RefinerUNet.from_config(export_network().config)
@@ -523,6 +510,7 @@ def train(config: TrainConfig) -> Path:
                 **baselines,
                 "val_l1_refined": best["val_l1"],
                 "best_step": best["step"],
+                "exported": "best_val_l1" if paired else "last",
                 "refined_over_student": best["val_l1"] / baselines["val_l1_student"],
                 "refined_over_affine": best["val_l1"] / baselines["val_l1_affine"],
                 "last_val_l1_refined": last_val,

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -30,9 +28,6 @@ SIZE = 64
 def _pixels(data: bytes) -> bytes:
     return Image.open(io.BytesIO(data)).convert("RGB").tobytes()
 
-
-def _refinery(stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "producer", *args], env=stack.env, capture_output=True, text=True, timeout=120)
 
 
 def test_generate_lands_in_s3_with_provenance(client):
@@ -95,7 +90,7 @@ def test_refine_only_from_file_through_cli(stack, client, tmp_path):
     path = tmp_path / "face.jpg"
     Image.new("RGB", (64, 64), (200, 150, 120)).save(path, "JPEG")
 
-    done = _refinery(stack, "submit", "refine", "--file", str(path), "--format", "webp", "--wait", "--timeout", "60", "--json")
+    done = stack.refinery("submit", "refine", "--file", str(path), "--format", "webp", "--wait", "--timeout", "60", "--json")
 
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
@@ -172,17 +167,17 @@ def test_private_callback_url_refused_at_submit(client):
 
 
 def test_cli_reports_invalid_input_with_field_and_exit_code(stack):
-    done = _refinery(stack, "submit", "generate", "--prompt", "ok", "--width", "100", "--json")
+    done = stack.refinery("submit", "generate", "--prompt", "ok", "--width", "100", "--json")
     assert done.returncode == 2
     assert "error [invalid_input] width:" in done.stderr
     assert done.stdout == ""
 
 
 def test_cli_submit_wait_status_json(stack):
-    submitted = _refinery(stack, "submit", "generate", "--prompt", "portrait", "--seed", "9", "--width", "64", "--height", "64", "--json")
+    submitted = stack.refinery("submit", "generate", "--prompt", "portrait", "--seed", "9", "--width", "64", "--height", "64", "--json")
     job_id = json.loads(submitted.stdout)["job_id"]
-    waited = _refinery(stack, "wait", job_id, "--timeout", "60", "--json")
-    status = _refinery(stack, "status", job_id, "--json")
+    waited = stack.refinery("wait", job_id, "--timeout", "60", "--json")
+    status = stack.refinery("status", job_id, "--json")
 
     record = json.loads(waited.stdout)
     assert record["state"] == "succeeded" and record["seed"] == 9

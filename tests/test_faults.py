@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 
@@ -184,7 +182,8 @@ def test_poison_job_is_retried_a_bounded_number_of_times_then_dead_lettered(tmp_
 
         failed = client.wait("poison", 120)
         assert all(j.wait(60).state is JobState.succeeded for j in good)
-        listed = subprocess.run([sys.executable, "-m", "producer", "dead-letters", "--json"], env=stack.env, capture_output=True, text=True, check=True)
+        listed = stack.refinery("dead-letters", "--json")
+        assert listed.returncode == 0, listed.stderr
 
     assert failed.state is JobState.failed and failed.error.code == "internal_error" and failed.attempts == 2
     assert [json.loads(line)["job_id"] for line in listed.stdout.splitlines()] == ["poison"]

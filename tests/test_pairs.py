@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -15,23 +13,20 @@ from refiner.data import PairDataset
 pytestmark = pytest.mark.integration
 
 
-def _refinery(stack, *args):
-    return subprocess.run([sys.executable, "-m", "producer", *args], env=stack.env, capture_output=True, text=True, timeout=300)
-
 
 def test_pairs_generate_writes_a_resumable_dataset(tmp_path):
     out = tmp_path / "dataset"
     with LocalStack(tmp_path / "stack", max_batch=4) as stack:
         stack.start_worker("pairs", [stack.settings.queue_pairs])
         args = ["pairs", "generate", "--count", "6", "--out", str(out), "--width", "32", "--height", "48"]
-        first = _refinery(stack, *args, "--student", "tiny-schnell", "--teacher", "tiny-dev")
-        again = _refinery(stack, *args)  # presets default to the settings: the same pair
-        more = _refinery(stack, *[a if a != "6" else "8" for a in args])
-        status = _refinery(stack, "pairs", "status", "--out", str(out), "--json")
-        wrong = _refinery(stack, "pairs", "generate", "--count", "1", "--out", "s3://refinery-local/other", "--teacher", "flux-dev", "--width", "256", "--height", "256")
+        first = stack.refinery(*args, "--student", "tiny-schnell", "--teacher", "tiny-dev")
+        again = stack.refinery(*args)  # presets default to the settings: the same pair
+        more = stack.refinery(*[a if a != "6" else "8" for a in args])
+        status = stack.refinery("pairs", "status", "--out", str(out), "--json")
+        wrong = stack.refinery("pairs", "generate", "--count", "1", "--out", "s3://refinery-local/other", "--teacher", "flux-dev", "--width", "256", "--height", "256")
     # A new stack (empty S3, no worker): the local directory's pairs still count as written.
     with LocalStack(tmp_path / "stack2") as stack:
-        resumed = _refinery(stack, *[a if a != "6" else "8" for a in args])
+        resumed = stack.refinery(*[a if a != "6" else "8" for a in args])
 
     assert first.returncode == 0, first.stderr
     assert "6 pairs queued, 0 already written" in first.stdout

@@ -16,7 +16,6 @@ import logging
 import socket
 import ssl
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -310,7 +309,7 @@ def redis_dump(client: redis.Redis) -> bytes:
             "hash": lambda: [v for pair in client.hgetall(key).items() for v in pair],
             "set": lambda: list(client.smembers(key)),
             "zset": lambda: client.zrange(key, 0, -1),
-        }.get(kind, lambda: [])()
+        }.get(kind, list)()
         out += [key, *[v for v in value if v is not None]]
     return b"\n".join(out)
 
@@ -338,10 +337,7 @@ def test_s3_credentials_and_redis_password_are_never_logged(tmp_path, caplog) ->
         records = [client.status(r.job_id).model_dump_json() for r in (ok, refined, missing, hooked)]
         dump = redis_dump(client.store.redis)
         # The CLI's view of a job, too.
-        cli = subprocess.run(
-            [sys.executable, "-m", "producer", "status", ok.job_id, "--json"],
-            env=stack.env, capture_output=True, text=True, timeout=60,
-        )
+        cli = stack.refinery("status", ok.job_id, "--json", timeout_s=60)
         assert cli.returncode == 0, cli.stderr
     # The secrets were really in use: the jobs ran against this S3 and this Redis.
     assert ok.state is JobState.succeeded and refined.state is JobState.succeeded, (ok.error, refined.error)

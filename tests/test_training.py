@@ -328,7 +328,8 @@ def test_short_run_writes_metrics_samples_checkpoint_and_export(pairs_dir: Path,
 
     grid = Image.open(out / "samples" / "step_000020.png")
     val_pairs = len(PairDataset(pairs_dir, "val"))
-    assert grid.width == 3 * 128 and grid.height == 14 + min(val_pairs, 8) * 128
+    # refiner.report's layout: a 110 px id column and a 16 px header; 32 px pairs enlarged to 128.
+    assert grid.width == 110 + 3 * 128 and grid.height == 16 + min(val_pairs, 8) * 128
     assert (out / "samples" / "step_000010.png").is_file()
 
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -398,6 +399,9 @@ def test_cyclegan_trains_without_nans_and_exports_a_refiner(pairs_dir: Path, tmp
     assert refiner(images).shape == images.shape
     card = json.loads((export / "refiner.json").read_text())
     assert card["architecture"] == arch and card["discriminator_parameters"] > 0
+    # Unpaired training does not choose by paired L1: it exports its last, trained weights.
+    assert card["metrics"]["exported"] == "last" and card["metrics"]["best_step"] == 30
+    assert not torch.equal(refiner(images), images)
 
 
 def test_paired_adversarial_term_trains_and_resumes(pairs_dir: Path, tmp_path: Path) -> None:

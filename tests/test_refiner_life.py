@@ -1,0 +1,110 @@
+"""The refiner's whole life at CI size, through the real system.
+
+Pairs come from a real pairs worker (tiny-schnell and tiny-dev resident), `refinery train`
+and `refinery eval` run as commands, and a worker started with `REFINERY_REFINER_PATH`
+serves each exported refiner. The acceptance run of the same path (4,096 pairs at 64 px,
+10 minutes of training, 3 seeds) is `benchmarks/refiner_pipeline.py`; this one is sized for
+CI, with the looser bound the issue allows: the paired refiner beats the student by a clear
+margin on held-out pairs, and comes close to the affine colour baseline.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from producer.client import Client
+from producer.local_stack import LocalStack
+from refiner.loading import load_refiner
+from refiner.metrics import quantize
+from shared.jobs import JobState
+
+pytestmark = pytest.mark.integration
+
+PAIRS, SIZE = 512, 32
+# L1 alone trains fastest (the paper's loss is covered by tests/test_training.py). Measured at
+# this size: the paper's loss reached 0.88x the student's L1 and 0.99x the affine baseline's
+# in 300 steps on 59 held-out pairs; the bounds leave room for that small a validation set.
+PAIRED_STEPS, BOUND_OVER_STUDENT, BOUND_OVER_AFFINE = 300, 0.92, 1.02
+L1_ONLY = ("--gradient-weight", 0, "--perceptual-weight", 0)
+CYCLEGAN_STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def life(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("life")
+    with LocalStack(root / "stack", max_batch=16) as stack:
+        stack.start_worker("pairs", [stack.settings.queue_pairs])
+        made = stack.refinery("pairs", "generate", "--count", PAIRS, "--out", root / "data", "--width", SIZE, "--height", SIZE)
+        assert made.returncode == 0, made.stdout + made.stderr
+        stack.stop_process("pairs")
+        yield stack, root / "data"
+
+
+def _pixels(png: bytes) -> torch.Tensor:
+    """(3, H, W) floats in [0, 1] of an encoded image."""
+    array = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 255
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _check_served(stack: LocalStack, refiner_dir: Path, data: Path) -> None:
+    """A worker started with REFINERY_REFINER_PATH=refiner_dir returns, for a held-out student
+    image, what the refiner computes in this process: the exported weights are the served ones."""
+    name = f"serve-{refiner_dir.parent.name}"
+    stack.start_worker(name, [stack.settings.queue_refine], env={"REFINERY_REFINER_PATH": str(refiner_dir)})
+    try:
+        client = Client(stack.settings)
+        student_png = (data / "pairs" / "0000007" / "student.png").read_bytes()
+        record = client.submit_refine(image=student_png).wait(120)
+        assert record.state is JobState.succeeded, record.error
+        served = _pixels(client.storage.get(record.result.uri))
+    finally:
+        stack.stop_process(name)
+    student = _pixels(student_png)
+    expected = quantize(load_refiner(refiner_dir)(student[None]))[0]
+    assert record.refiner == load_refiner(refiner_dir).version != "identity"
+    assert (served - expected).abs().max() <= 1 / 255 + 1e-6  # at most one 8-bit level apart
+    assert not torch.equal(expected, student)  # and the trained refiner does change the image
+
+
+def test_paired_refiner_beats_the_student_and_a_worker_serves_it(life) -> None:
+    stack, data = life
+    run = data.parent / "unet-cbam"
+    trained = stack.refinery("train", "--data", data, "--arch", "unet-cbam", "--out", run, "--steps", PAIRED_STEPS,
+                             "--val-every", PAIRED_STEPS // 4, "--sample-every", PAIRED_STEPS, "--checkpoint-every", 0,
+                             *L1_ONLY)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    evaluated = stack.refinery("eval", "--data", data, "--refiner", run / "refiner", "--out", run / "eval")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    student, affine, refined = (metrics["paired"][name]["l1"] for name in ("student", "affine", "refined"))
+    assert refined <= BOUND_OVER_STUDENT * student, (refined, student)
+    assert refined <= BOUND_OVER_AFFINE * affine, (refined, affine)
+    assert metrics["paired"]["refined"]["psnr"] > metrics["paired"]["student"]["psnr"]
+    assert metrics["pairs"] == len(list((data / "manifest").glob("*.json"))) - json.loads(
+        (run / "refiner" / "refiner.json").read_text())["data"]["train_pairs"]
+    _check_served(stack, run / "refiner", data)
+
+
+def test_cyclegan_trains_a_few_hundred_steps_without_nans_and_a_worker_serves_it(life) -> None:
+    stack, data = life
+    run = data.parent / "cyclegan"
+    trained = stack.refinery("train", "--data", data, "--arch", "cyclegan", "--out", run, "--steps", CYCLEGAN_STEPS,
+                             "--batch-size", 4, "--base-channels", 16, "--val-every", CYCLEGAN_STEPS // 2,
+                             "--sample-every", CYCLEGAN_STEPS, "--checkpoint-every", 0)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    with (run / "metrics.csv").open() as f:
+        rows = [row for row in csv.DictReader(f) if row["loss"]]
+    assert len(rows) >= CYCLEGAN_STEPS
+    for row in rows:
+        for column in ("loss", "gan", "cycle", "identity", "d_loss"):
+            assert np.isfinite(float(row[column])), (row["step"], column)
+    _check_served(stack, run / "refiner", data)
