@@ -98,7 +98,7 @@ def test_cyclegan_trains_a_few_hundred_steps_without_nans_and_a_worker_serves_it
     stack, data = life
     run = data.parent / "cyclegan"
     trained = stack.refinery("train", "--data", data, "--arch", "cyclegan", "--out", run, "--steps", CYCLEGAN_STEPS,
-                             "--batch-size", 4, "--base-channels", 16, "--val-every", CYCLEGAN_STEPS // 2,
+                             "--batch-size", 2, "--base-channels", 16, "--val-every", CYCLEGAN_STEPS // 2,
                              "--sample-every", CYCLEGAN_STEPS, "--checkpoint-every", 0)
     assert trained.returncode == 0, trained.stderr[-2000:]
     with (run / "metrics.csv").open() as f:
