@@ -47,8 +47,9 @@ def refinery(env: dict, *args: str) -> None:
     subprocess.run([sys.executable, "-m", "producer", *args], env=env, check=True)
 
 
-def images(dataset: PairDataset, count: int) -> dict[str, torch.Tensor]:
-    batches = list(batched_pairs(dataset, count, 64))
+def images(dataset: PairDataset, count: int | None = None) -> dict[str, torch.Tensor]:
+    """Student and teacher images of the first `count` pairs (default: all), `(N, 3, H, W)` each."""
+    batches = list(batched_pairs(dataset, len(dataset) if count is None else count, 64))
     return {role: torch.cat([batch[role] for batch in batches]) for role in ("student", "teacher")}
 
 
@@ -56,7 +57,7 @@ def images(dataset: PairDataset, count: int) -> dict[str, torch.Tensor]:
 def fid_context(data: Path, refiner_dir: Path) -> dict:
     """The FID sampling floor and the L1/FID trade-off of blending refined towards student,
     on the held-out pairs, with evaluation's uncalibrated extractor."""
-    val = images(PairDataset(data, "val"), 10**9)
+    val = images(PairDataset(data, "val"))
     other = images(PairDataset(data, "train"), len(val["teacher"]))  # unrelated pairs, same count
     extractor = RandomConvFeatures()
     teacher = extractor(val["teacher"])

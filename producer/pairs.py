@@ -71,7 +71,7 @@ def submit(
     if target.mirror is not None:
         # A local directory keeps its pairs when the S3 copy is gone (another endpoint, a
         # private test stack): those need no second generation.
-        done |= {pair_id_of(path.name) for path in (target.mirror / "manifest").glob("*.json")}
+        done |= mirrored_pairs(target)
     handles = []
     for index, prompt in enumerate(build_prompts(count, seed=seed)):
         if pair_id(index) in done:
@@ -112,13 +112,16 @@ def wait(client: Client, target: Target, handles: Iterable[JobHandle], total: in
     return outcome
 
 
+def mirrored_pairs(target: Target) -> set[str]:
+    """Ids of the complete pairs in the local directory: those with a manifest row."""
+    return {pair_id_of(path.name) for path in (target.mirror / "manifest").glob("*.json")}
+
+
 def mirror(client: Client, target: Target) -> int:
     """Download the complete pairs the local directory lacks; returns how many."""
     fetched = 0
-    for pid in sorted(written_pairs(client, target.dataset)):
+    for pid in sorted(written_pairs(client, target.dataset) - mirrored_pairs(target)):
         paths = pair_paths(pid)
-        if (target.mirror / paths["manifest"]).exists():
-            continue
         # Images first and the manifest row last, as the worker writes them.
         for name in ("student", "teacher", "manifest"):
             local = target.mirror / paths[name]
@@ -136,5 +139,5 @@ def status(client: Client, target: Target) -> dict[str, object]:
     }
     if target.mirror is not None:
         counts["local"] = str(target.mirror)
-        counts["mirrored"] = sum(1 for _ in (target.mirror / "manifest").glob("*.json"))
+        counts["mirrored"] = len(mirrored_pairs(target))
     return counts

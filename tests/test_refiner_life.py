@@ -67,9 +67,9 @@ def _check_served(stack: LocalStack, refiner_dir: Path, data: Path) -> None:
         served = _pixels(client.storage.get(record.result.uri))
     finally:
         stack.stop_process(name)
-    student = _pixels(student_png)
-    expected = quantize(load_refiner(refiner_dir)(student[None]))[0]
-    assert record.refiner == load_refiner(refiner_dir).version != "identity"
+    student, refiner = _pixels(student_png), load_refiner(refiner_dir)
+    expected = quantize(refiner(student[None]))[0]
+    assert record.refiner == refiner.version != "identity"
     assert (served - expected).abs().max() <= 1 / 255 + 1e-6  # at most one 8-bit level apart
     assert not torch.equal(expected, student)  # and the trained refiner does change the image
 
