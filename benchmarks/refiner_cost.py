@@ -53,7 +53,9 @@ FLUX_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
 )
-T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu", vocab_size=32128)
+T5_XXL = dict(
+    d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu", vocab_size=32128
+)
 SCHNELL = {"steps": 4, "text_tokens": 256, "guidance_embeds": False}
 DEV = {"steps": 28, "text_tokens": 512, "guidance_embeds": True}
 
@@ -146,10 +148,13 @@ def main() -> None:
     for name, flops in (("refiner", refiner_flops), ("FLUX.1-schnell", schnell["total"]), ("FLUX.1-dev", dev["total"])):
         table.add_row(name, f"{flops / 1e12:.3f}", f"{flops / schnell['total']:.2%}")
     console.print(table)
+    refiner = result["refiner"]
     console.print(
-        f"refiner: {result['refiner']['parameters']:,} parameters, {result['refiner']['cpu_ms_512']} ms per 512x512 image on CPU "
-        f"({result['refiner']['torch_threads']} threads); refiner / schnell transformer = {result['refiner_over_schnell_transformer']:.3%}; "
-        f"schnell + refiner costs {result['schnell_plus_refiner_over_dev']:.1%} of dev ({result['saving_vs_dev']:.1%} less)"
+        f"refiner: {refiner['parameters']:,} parameters, {refiner['cpu_ms_512']} ms per 512x512 image on CPU "
+        f"({refiner['torch_threads']} threads); "
+        f"refiner / schnell transformer = {result['refiner_over_schnell_transformer']:.3%}; "
+        f"schnell + refiner costs {result['schnell_plus_refiner_over_dev']:.1%} of dev "
+        f"({result['saving_vs_dev']:.1%} less)"
     )
     console.print(f"wrote {RESULTS}")
 

@@ -34,17 +34,19 @@ from pathlib import Path
 
 import torch
 
-from producer.local_stack import LocalStack
+from devstack.stack import LocalStack
+from refiner import load_refiner
 from refiner.data import PairDataset, batched_pairs
-from refiner.loading import load_refiner
-from refiner.metrics import RandomConvFeatures, fid_kid, quantize
+from refiner.extractors import RandomConvFeatures
+from refiner.metrics import fid_kid, quantize
+from shared.datasets import MANIFEST_DIR
 
 RESULTS = Path(__file__).parent / "results" / "refiner_pipeline.json"
 BLENDS = (0.0, 0.25, 0.5, 0.75, 1.0)  # 0: the student, 1: the refiner's output
 
 
 def refinery(env: dict, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", "producer", *args], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "cli", *args], env=env, check=True)
 
 
 def images(dataset: PairDataset, count: int | None = None) -> dict[str, torch.Tensor]:
@@ -65,8 +67,13 @@ def fid_context(data: Path, refiner_dir: Path) -> dict:
     blends = []
     for t in BLENDS:
         blended = quantize(val["student"] + t * (refined - val["student"]))
-        blends.append({"t": t, "l1": (blended - val["teacher"]).abs().mean().item(),
-                       "fid": fid_kid(teacher, extractor(blended))["fid"]})
+        blends.append(
+            {
+                "t": t,
+                "l1": (blended - val["teacher"]).abs().mean().item(),
+                "fid": fid_kid(teacher, extractor(blended))["fid"],
+            }
+        )
     return {
         "fid_floor_teacher_vs_other_teacher": fid_kid(teacher, extractor(other["teacher"]))["fid"],
         "fid_other_student": fid_kid(teacher, extractor(other["student"]))["fid"],
@@ -79,21 +86,39 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4096)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--steps-per-minute", type=int, default=55,
-                        help="sets the lr schedule's length; measured at 64 px here: 55 (default loss), 180 (L1 alone)")
+    parser.add_argument(
+        "--steps-per-minute",
+        type=int,
+        default=55,
+        help="sets the lr schedule's length; measured at 64 px here: 55 (default loss), 180 (L1 alone)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-args", default="", help="extra `refinery train` options, e.g. the loss weights")
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--work", type=Path, default=None, help="keep data and runs here (default: a temporary directory)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="keep data and runs here (default: a temporary directory)"
+    )
     args = parser.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="refinery-pipeline-"))
     data = work / "data"
-    already_there = len(list((data / "manifest").glob("*.json")))
+    already_there = len(list((data / MANIFEST_DIR).glob("*.json")))
     started = time.perf_counter()
     with LocalStack(work / "stack", max_batch=16) as stack:
         stack.start_worker("pairs", [stack.settings.queue_pairs])
-        refinery(stack.env, "pairs", "generate", "--count", str(args.pairs), "--out", str(data), "--width", str(args.size), "--height", str(args.size))
+        refinery(
+            stack.env,
+            "pairs",
+            "generate",
+            "--count",
+            str(args.pairs),
+            "--out",
+            str(data),
+            "--width",
+            str(args.size),
+            "--height",
+            str(args.size),
+        )
         env = stack.env
     generate_s = time.perf_counter() - started
 
@@ -102,27 +127,44 @@ def main() -> None:
         run = work / f"{args.results.stem}-seed{seed}"  # one folder per result file: variants never collide
         began = time.perf_counter()
         steps = int(args.minutes * args.steps_per_minute)
-        refinery(env, "train", "--data", str(data), "--arch", "unet-cbam", "--out", str(run), "--seed", str(seed),
-                 "--steps", str(steps), "--max-minutes", str(args.minutes), *shlex.split(args.train_args))
+        refinery(
+            env,
+            "train",
+            "--data",
+            str(data),
+            "--arch",
+            "unet-cbam",
+            "--out",
+            str(run),
+            "--seed",
+            str(seed),
+            "--steps",
+            str(steps),
+            "--max-minutes",
+            str(args.minutes),
+            *shlex.split(args.train_args),
+        )
         train_s = time.perf_counter() - began
         refinery(env, "eval", "--data", str(data), "--refiner", str(run / "refiner"), "--out", str(run / "eval"))
         metrics = json.loads((run / "eval" / "metrics.json").read_text())
         paired, fid = metrics["paired"], metrics["fid"]
-        runs.append({
-            "seed": seed,
-            "train_seconds": round(train_s, 1),
-            "student_l1": paired["student"]["l1"],
-            "affine_l1": paired["affine"]["l1"],
-            "refined_l1": paired["refined"]["l1"],
-            "refined_over_student": paired["refined"]["l1"] / paired["student"]["l1"],
-            "refined_over_affine": paired["refined"]["l1"] / paired["affine"]["l1"],
-            "fid_student_teacher": fid["student_teacher"],
-            "fid_refined_teacher": fid["refined_teacher"],
-            "fid_extractor": fid["extractor"],
-            "hf_ratio_student": metrics["detail"]["student_hf_ratio"],
-            "hf_ratio_refined": metrics["detail"]["refined_hf_ratio"],
-            **fid_context(data, run / "refiner"),
-        })
+        runs.append(
+            {
+                "seed": seed,
+                "train_seconds": round(train_s, 1),
+                "student_l1": paired["student"]["l1"],
+                "affine_l1": paired["affine"]["l1"],
+                "refined_l1": paired["refined"]["l1"],
+                "refined_over_student": paired["refined"]["l1"] / paired["student"]["l1"],
+                "refined_over_affine": paired["refined"]["l1"] / paired["affine"]["l1"],
+                "fid_student_teacher": fid["student_teacher"],
+                "fid_refined_teacher": fid["refined_teacher"],
+                "fid_extractor": fid["extractor"],
+                "hf_ratio_student": metrics["detail"]["student_hf_ratio"],
+                "hf_ratio_refined": metrics["detail"]["refined_hf_ratio"],
+                **fid_context(data, run / "refiner"),
+            }
+        )
 
     def spread(key: str) -> dict:
         values = [r[key] for r in runs]
@@ -144,10 +186,17 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2) + "\n")
     for r in runs:
-        print(f"seed {r['seed']}: refined/student {r['refined_over_student']:.3f}, refined/affine {r['refined_over_affine']:.3f}, "
-              f"FID student {r['fid_student_teacher']:.3f} -> refined {r['fid_refined_teacher']:.3f} ({r['fid_extractor']}); "
-              f"floor {r['fid_floor_teacher_vs_other_teacher']:.3f}")
-        print("  blend t:   " + "  ".join(f"{b['t']:.2f}: L1 {b['l1']:.4f} FID {b['fid']:.3f}" for b in r["blend_towards_refined"]))
+        print(
+            f"seed {r['seed']}: refined/student {r['refined_over_student']:.3f}, "
+            f"refined/affine {r['refined_over_affine']:.3f}, "
+            f"FID student {r['fid_student_teacher']:.3f} -> refined {r['fid_refined_teacher']:.3f} "
+            f"({r['fid_extractor']}); "
+            f"floor {r['fid_floor_teacher_vs_other_teacher']:.3f}"
+        )
+        print(
+            "  blend t:   "
+            + "  ".join(f"{b['t']:.2f}: L1 {b['l1']:.4f} FID {b['fid']:.3f}" for b in r["blend_towards_refined"])
+        )
     print(f"wrote {args.results}")
 
 

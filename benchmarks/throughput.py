@@ -26,10 +26,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from devstack.stack import LocalStack
 from producer.client import Client
-from producer.local_stack import LocalStack
 from shared.settings import Settings
-from worker.batches import GenerateItem, GenerateKey, ModelWork
+from shared.storage import Storage
+from worker.jobs.generate import GenerateItem, GenerateJob, GenerateKey
 from worker.registry import ModelRegistry
 
 RESULTS = Path(__file__).parent / "results" / "throughput.json"
@@ -42,12 +43,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def direct(work: ModelWork, key: GenerateKey, jobs: int, batch: int) -> dict:
+def generate_job(preset: str, tmp: Path) -> GenerateJob:
+    """The generate handler over resident models, called directly: the bare model's cost."""
+    settings = Settings(_env_file=None, model_preset=preset, device="cpu", model_cache_dir=tmp / "models")
+    return GenerateJob(ModelRegistry(settings), Storage(settings), settings)
+
+
+def direct(job: GenerateJob, key: GenerateKey, jobs: int, batch: int) -> dict:
     """jobs/s of bare model calls (generate + refine), ``batch`` images per call."""
-    work(key, [GenerateItem(PROMPT, 0, True)] * batch)  # warm this shape
+    job.run_batch(key, [GenerateItem(PROMPT, 0, True)] * batch)  # warm this shape
     started = time.perf_counter()
     for first in range(0, jobs, batch):
-        work(key, [GenerateItem(PROMPT, seed, True) for seed in range(first, min(jobs, first + batch))])
+        job.run_batch(key, [GenerateItem(PROMPT, seed, True) for seed in range(first, min(jobs, first + batch))])
     seconds = time.perf_counter() - started
     return {"batch": batch, "jobs": jobs, "seconds": round(seconds, 3), "jobs_per_s": round(jobs / seconds, 3)}
 
@@ -102,13 +109,12 @@ def overhead(workdir: Path, preset: str, size: int, jobs: int) -> dict:
 
 def run_preset(preset: str, size: int, jobs: int, max_batch: int, max_wait_ms: float, tmp: Path) -> dict:
     console.rule(f"{preset} at {size}x{size}, {jobs} jobs, MAX_BATCH {max_batch}")
-    registry = ModelRegistry(Settings(_env_file=None, model_preset=preset, device="cpu", model_cache_dir=tmp / "models"))
-    work = ModelWork(registry)
-    key = GenerateKey(size, size, registry.preset.steps, registry.preset.guidance)
+    job = generate_job(preset, tmp)
+    key = GenerateKey(size, size, job.models.preset.steps, job.models.preset.guidance)
     result = {
         "size": size,
-        "direct_batch_1": direct(work, key, jobs, 1),
-        f"direct_batch_{max_batch}": direct(work, key, jobs, max_batch),
+        "direct_batch_1": direct(job, key, jobs, 1),
+        f"direct_batch_{max_batch}": direct(job, key, jobs, max_batch),
     }
     console.log("direct done")
     result["system_batching_off"] = system(tmp / f"{preset}-off", preset, size, jobs, 1, max_wait_ms)
@@ -121,12 +127,11 @@ def run_preset(preset: str, size: int, jobs: int, max_batch: int, max_wait_ms: f
 
 
 def batching_gain_by_size(sizes: list[int], max_batch: int, jobs: int, tmp: Path) -> dict:
-    registry = ModelRegistry(Settings(_env_file=None, model_preset="tiny-schnell", device="cpu", model_cache_dir=tmp / "models"))
-    work = ModelWork(registry)
+    job = generate_job("tiny-schnell", tmp)
     gains = {}
     for size in sizes:
-        key = GenerateKey(size, size, registry.preset.steps, registry.preset.guidance)
-        one, many = direct(work, key, jobs, 1), direct(work, key, jobs, max_batch)
+        key = GenerateKey(size, size, job.models.preset.steps, job.models.preset.guidance)
+        one, many = direct(job, key, jobs, 1), direct(job, key, jobs, max_batch)
         gains[f"{size}x{size}"] = round(many["jobs_per_s"] / one["jobs_per_s"], 3)
     return gains
 

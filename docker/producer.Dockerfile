@@ -17,6 +17,7 @@ COPY shared ./shared
 COPY producer ./producer
 COPY worker ./worker
 COPY refiner ./refiner
+COPY cli ./cli
 # The base install has no torch; the callbacks worker never imports it.
 RUN pip install . "$FLOWER_SPEC"
 

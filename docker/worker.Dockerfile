@@ -31,12 +31,13 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
 
 WORKDIR /app
-# The source packages only: no weights, no .env, no .venv.
+# The product packages only: no weights, no .env, no .venv, no devstack/ or tests/.
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY producer ./producer
 COPY worker ./worker
 COPY refiner ./refiner
+COPY cli ./cli
 RUN pip install ".[worker]"
 
 # Non-root. The cache directories exist and belong to the user before VOLUME, so a fresh

@@ -18,31 +18,23 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from shared import keys
 from shared.broker import make_celery, queue_depth
 from shared.callbacks import check_callback_url
 from shared.errors import InvalidImage, InvalidInput, QueueFull
 from shared.images import decode_image
 from shared.jobs import (
     GenerateSpec,
-    JobKind,
     JobRecord,
     PairSpec,
     RefineSpec,
     build_spec,
-    check_size_for_preset,
     parse_s3_uri,
 )
+from shared.presets import get_preset
+from shared.routing import ROUTES, send_callback, send_job
 from shared.settings import Settings, get_settings
 from shared.storage import Storage
 from shared.store import JobStore
-
-_TASKS = {
-    JobKind.generate_and_refine: keys.TASK_GENERATE,
-    JobKind.refine_only: keys.TASK_REFINE,
-    JobKind.pair: keys.TASK_PAIR,
-}
-
 
 @dataclass(frozen=True)
 class JobHandle:
@@ -75,7 +67,7 @@ class Client:
     def submit_generate(self, prompt: str, **fields: Any) -> JobHandle:
         """Queue a generate-and-refine job; see ``shared.jobs.GenerateSpec`` for the fields."""
         spec = build_spec(GenerateSpec, prompt=prompt, **fields)
-        check_size_for_preset(spec, self.settings.model_preset)
+        get_preset(self.settings.model_preset).check_size(spec.width, spec.height)
         # Drawn here, not in the worker, so a redelivered job makes the same image.
         seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
         self._check(spec)
@@ -88,7 +80,7 @@ class Client:
         spec = build_spec(
             PairSpec, prompt=prompt, dataset=dataset, pair_id=pair_id, idempotency_key=f"pair:{dataset_tag}:{pair_id}", **fields
         )
-        check_size_for_preset(spec, spec.student)
+        get_preset(spec.student).check_size(spec.width, spec.height)
         self._check(spec)
         return self._submit(spec, seed=spec.seed)
 
@@ -119,25 +111,15 @@ class Client:
         before anything is written."""
         if spec.callback_url:
             check_callback_url(spec.callback_url, self.settings.callback_allowlist)
-        self._admit(self._queue(spec))
+        self._admit(ROUTES[spec.kind].queue(self.settings))
 
     def _submit(self, spec: GenerateSpec | RefineSpec | PairSpec, *, seed: int | None = None, job_id: str | None = None) -> JobHandle:
-        queue = self._queue(spec)
         record = JobRecord(job_id=job_id or uuid.uuid4().hex, kind=spec.kind, spec=spec, seed=seed)
         record, created = self.store.create(record, spec.idempotency_key)
         if created:
             # The record exists before the message, so a worker always finds what it is sent.
-            self.celery.send_task(
-                _TASKS[spec.kind], args=[record.job_id], task_id=record.job_id, queue=queue, priority=spec.priority.rank
-            )
+            send_job(self.celery, record, self.settings)
         return JobHandle(record.job_id, self)
-
-    def _queue(self, spec: GenerateSpec | RefineSpec | PairSpec) -> str:
-        return {
-            JobKind.generate_and_refine: self.settings.queue_generate,
-            JobKind.refine_only: self.settings.queue_refine,
-            JobKind.pair: self.settings.queue_pairs,
-        }[spec.kind]
 
     def _admit(self, queue: str) -> None:
         """Refuse new work rather than let latency grow without bound."""
@@ -158,5 +140,5 @@ class Client:
         """A queued job is never run; a running one ends ``cancelled`` and publishes nothing."""
         record, cancelled = self.store.cancel(job_id)
         if cancelled and record.spec.callback_url:
-            self.celery.send_task(keys.TASK_CALLBACK, args=[job_id, record.state.value])
+            send_callback(self.celery, job_id, record.state.value)
         return record

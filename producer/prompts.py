@@ -11,8 +11,8 @@ names diversify the faces a text-to-image model draws. This module does the same
   on region, grey hair on age, facial hair on gender presentation, the name's locale on the
   region and the first name on gender presentation);
 - every choice is recorded in `PortraitPrompt.attributes`, and `attribute_distribution` /
-  `format_distribution` count them, so a biased prompt set is visible before any GPU time
-  is spent on it.
+  `top_values` count them, so a biased prompt set is visible before any GPU time is spent
+  on it (`refinery pairs prompts`).
 
 Names come from Faker's locales (one cached `Faker` per locale, reseeded per prompt); a
 prompt is deterministic for a given Faker version. Most other words are in the offline
@@ -27,7 +27,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from faker import Faker
-from rich.table import Table
 
 # The attributes every prompt records; `attribute_distribution` counts these by default.
 # `name` and `age` are recorded too but are near-unique per prompt, so they are not counted.
@@ -185,7 +184,7 @@ REGION_TEXTURE: dict[str, dict[str, float]] = {
     "latin_american": {"straight": 3, "wavy": 4, "curly": 3},
     "middle_eastern_north_african": {"straight": 2, "wavy": 5, "curly": 3},
 }
-DEFAULT_TEXTURE = {"straight": 5, "wavy": 3, "curly": 2}
+DEFAULT_TEXTURE: dict[str, float] = {"straight": 5, "wavy": 3, "curly": 2}
 
 # Styles per (gender presentation, texture); "{color}" is filled in. Bald comes from age.
 HAIR_STYLES: dict[str, dict[str, list[str]]] = {
@@ -215,7 +214,7 @@ HAIR_STYLES: dict[str, dict[str, list[str]]] = {
     },
 }
 
-FACIAL_HAIR = {"clean shaven": 5, "stubble": 3, "a full beard": 2, "a mustache": 1, "a goatee": 1}
+FACIAL_HAIR: dict[str, float] = {"clean shaven": 5, "stubble": 3, "a full beard": 2, "a mustache": 1, "a goatee": 1}
 
 EXPRESSIONS = [
     "smiling", "laughing", "a gentle smile", "a shy smile", "a serious expression",
@@ -447,30 +446,16 @@ def attribute_distribution(
     return distribution
 
 
-def format_distribution(
-    distribution: dict[str, dict[str, int]], top: int = 12, as_text: bool = False
-) -> Table | str:
-    """A rich `Table` (attribute, value, count, share, bar) or, with `as_text`, plain text.
-
-    Each attribute shows its `top` most common values and a line for the rest, so a skew
-    (one region at 40%, no seniors) is visible at a glance.
+def top_values(distribution: dict[str, dict[str, int]], top: int = 12) -> dict[str, list[tuple[str, int]]]:
+    """Each attribute's `top` most common `(value, count)` pairs and one
+    `("(N more values)", count)` pair for the rest: short enough that a skew (one region at
+    40%, no seniors) shows at a glance, and the counts still sum to the total.
     """
-    table = Table(title="prompt attribute distribution", show_lines=False)
-    for column, justify in (("attribute", "left"), ("value", "left"), ("count", "right"),
-                            ("share", "right"), ("", "left")):
-        table.add_column(column, justify=justify)
-    lines = []
+    shown: dict[str, list[tuple[str, int]]] = {}
     for attribute, counts in distribution.items():
-        total = sum(counts.values()) or 1
         items = list(counts.items())
-        shown, rest = items[:top], items[top:]
+        head, rest = items[:top], items[top:]
         if rest:
-            shown.append((f"({len(rest)} more values)", sum(count for _, count in rest)))
-        for i, (value, count) in enumerate(shown):
-            share = count / total
-            bar = "#" * round(share * 30)
-            label = attribute if i == 0 else ""
-            table.add_row(label, value, str(count), f"{share:6.1%}", bar)
-            lines.append(f"{label:<22} {value:<40} {count:>7} {share:7.1%} {bar}")
-        table.add_section()
-    return "\n".join(lines) if as_text else table
+            head.append((f"({len(rest)} more values)", sum(count for _, count in rest)))
+        shown[attribute] = head
+    return shown

@@ -1,13 +1,16 @@
 """The refiner: a lightweight residual U-Net with CBAM attention that turns FLUX.1-schnell
-portraits into more realistic ones at under 1% of the generator's cost (after Wąsala et al.,
-arXiv 2505.02255). `RefinerUNet` is the diffusers-style network (saved and loaded with
-`save_pretrained` / `from_pretrained`, safetensors only), `load_refiner` builds a `Refiner`
-from a weights directory, or the identity when none is given, and `Refiner` runs it on a
-batch of images in [0, 1]. This package is the ML side only: it imports no queue or storage
-client.
+portraits into more realistic ones at a small fraction of the generator's cost (measured in
+`benchmarks/results/refiner_cost.json`; after Wąsala et al., arXiv 2505.02255).
+
+What the worker needs: `load_refiner` builds a `Refiner` from an exported directory, or the
+identity (version `IDENTITY`) when none is given, and `Refiner` runs it on a batch of images
+in [0, 1]; `to_pil` / `to_tensor` convert between those images and PIL. Training, evaluation
+and their parts live in the submodules. This package is the ML side only: it imports no
+queue or storage client.
 """
 
-from refiner.loading import Refiner, load_refiner
-from refiner.network import RefinerUNet
+from refiner.export import IDENTITY, Refiner, load_refiner
+from refiner.networks import RefinerUNet
+from refiner.pixels import to_pil, to_tensor
 
-__all__ = ["Refiner", "RefinerUNet", "load_refiner"]
+__all__ = ["IDENTITY", "Refiner", "RefinerUNet", "load_refiner", "to_pil", "to_tensor"]

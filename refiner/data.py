@@ -1,40 +1,34 @@
 """The pairs dataset on local disk, its train/val split, and a resumable batch order.
 
-Layout (what the pair generator writes; S3 datasets are synced to such a directory first):
-
-    DATA/pairs/<pair_id>/student.png
-    DATA/pairs/<pair_id>/teacher.png
-    DATA/manifest/<pair_id>.json      # prompt, attributes, seed, size, presets, timings
-
-A pair counts once its manifest row and both images exist, so a dataset still being
-generated can be trained on: half-written pairs are skipped.
+The layout and the manifest row are `shared.datasets`' (what the pair generator writes; S3
+datasets are synced to such a directory first). A pair counts once its manifest row and
+both images exist, so a dataset still being generated can be trained on: half-written pairs
+are skipped.
 
 The split depends on each pair's id alone (SHA-1 of the id mapped to [0, 1), below
 `val_fraction` is validation), so adding pairs never moves existing ones between splits
 and every tool (training, evaluation) agrees on which pairs are held out.
-
-Images are decoded with PIL (torchvision is not used: it breaks diffusers here).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from refiner.pixels import to_tensor
+from shared.datasets import MANIFEST_DIR, PAIR_IMAGES, PAIRS_DIR, ManifestRow, pair_id_of, pair_paths
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "all")
-STUDENT, TEACHER = "student.png", "teacher.png"
 
 
 def split_of(pair_id: str, val_fraction: float) -> str:
@@ -47,15 +41,14 @@ def split_of(pair_id: str, val_fraction: float) -> str:
 def load_image(path: Path) -> torch.Tensor:
     """A PNG (or any PIL-readable image) as a `(3, H, W)` float32 tensor in [0, 1]."""
     with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        return to_tensor(image.convert("RGB"))
 
 
 class PairDataset(Dataset):
     """Student/teacher pairs of one split.
 
     Args:
-        root: the dataset directory (holding `pairs/` and `manifest/`).
+        root: the dataset directory (holding `pairs/` and `manifest/`, `shared.datasets`).
         split: `"train"`, `"val"` or `"all"`.
         resolution: crop both images of a pair to `resolution x resolution` at the same
             place, or `None` for full images. Images smaller than the crop raise.
@@ -66,7 +59,7 @@ class PairDataset(Dataset):
             not see the correspondence); the item then also has `teacher_pair_id`.
 
     Items are dicts `{"student": (3, H, W), "teacher": (3, H, W), "pair_id": str}`, floats in
-    [0, 1]. `rows[i]` is the manifest row of item `i` (prompt, attributes, ...).
+    [0, 1]. `rows[i]` is the `ManifestRow` of item `i` (prompt, attributes, timings...).
 
     A key is an index, or a tuple `(index, draw_seed)` as yielded by `ResumableBatchSampler`:
     then the crop position (and unpaired partner) come from `draw_seed` alone, so a batch is
@@ -91,8 +84,8 @@ class PairDataset(Dataset):
         if resolution is not None and resolution < 1:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
         self.root = Path(root)
-        if not (self.root / "manifest").is_dir() or not (self.root / "pairs").is_dir():
-            raise FileNotFoundError(f"no pairs dataset at {self.root}: expected pairs/ and manifest/ in it")
+        if not (self.root / MANIFEST_DIR).is_dir() or not (self.root / PAIRS_DIR).is_dir():
+            raise FileNotFoundError(f"no pairs dataset at {self.root}: expected {PAIRS_DIR}/ and {MANIFEST_DIR}/ in it")
         self.split = split
         self.resolution = resolution
         self.val_fraction = val_fraction
@@ -102,18 +95,18 @@ class PairDataset(Dataset):
 
         # 1. Every complete pair, in pair-id order, filtered to the split.
         self.pair_ids: list[str] = []
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[ManifestRow] = []
         incomplete = 0
-        for manifest in sorted((self.root / "manifest").glob("*.json")):
-            pair_id = manifest.stem
+        for manifest in sorted((self.root / MANIFEST_DIR).glob("*.json")):
+            pair_id = pair_id_of(manifest.name)
             if split != "all" and split_of(pair_id, val_fraction) != split:
                 continue
-            folder = self.root / "pairs" / pair_id
-            if not ((folder / STUDENT).is_file() and (folder / TEACHER).is_file()):
+            paths = pair_paths(pair_id)
+            if not all((self.root / paths[role]).is_file() for role in PAIR_IMAGES):
                 incomplete += 1
                 continue
             self.pair_ids.append(pair_id)
-            self.rows.append(json.loads(manifest.read_text()))
+            self.rows.append(ManifestRow.model_validate_json(manifest.read_text()))
         if incomplete:
             logger.warning("%s: skipped %d pairs whose images are missing", self.root, incomplete)
 
@@ -121,8 +114,8 @@ class PairDataset(Dataset):
         return len(self.pair_ids)
 
     def _paths(self, index: int) -> tuple[Path, Path]:
-        folder = self.root / "pairs" / self.pair_ids[index]
-        return folder / STUDENT, folder / TEACHER
+        paths = pair_paths(self.pair_ids[index])
+        return self.root / paths["student"], self.root / paths["teacher"]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, rng = (key[0], random.Random(key[1])) if isinstance(key, tuple) else (key, self._rng)
@@ -157,7 +150,7 @@ class PairDataset(Dataset):
 
     def summary(self) -> dict[str, Any]:
         """What a run records about its data: root, split, pair count, sizes seen."""
-        sizes = sorted({f"{row.get('width', '?')}x{row.get('height', '?')}" for row in self.rows})
+        sizes = sorted({f"{row.width}x{row.height}" for row in self.rows})
         return {
             "root": str(self.root),
             "split": self.split,

@@ -10,7 +10,7 @@ the affine colour-correction baseline against the teacher (`refiner.metrics`), t
     out/spectrum.png   radially averaged power spectra of student, refined and teacher
     out/samples.png    up to 8 pairs: student | refined | teacher
 
-The split is the one training used: `refiner.json` beside the weights records its
+The split is the one training used: the refiner's card (`refiner.export`) records its
 `val_fraction` (and the affine baseline fitted on the training pairs).
 """
 
@@ -31,19 +31,11 @@ from tqdm.auto import tqdm
 
 from refiner.baseline import apply_affine, fit_affine
 from refiner.data import PairDataset, batched_pairs
-from refiner.loading import Refiner, load_refiner
-from refiner.metrics import (
-    FREQUENCIES,
-    HF_CUTOFF,
-    build_extractor,
-    fid_gap,
-    fid_kid,
-    paired_scores,
-    quantize,
-    spectral_scores,
-)
-from refiner.report import plot_spectra, sample_grid, write_report
-from refiner.train import EXPORT_JSON
+from refiner.export import CARD_NAME, Refiner, load_refiner, read_card
+from refiner.extractors import build_extractor
+from refiner.metrics import FREQUENCIES, HF_CUTOFF, fid_gap, fid_kid, paired_scores, quantize, spectral_scores
+from refiner.report import fmt, plot_spectra, sample_grid, write_report
+from shared.datasets import ManifestRow
 
 logger = logging.getLogger(__name__)
 
@@ -79,22 +71,21 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator > 0 else None
 
 
-def generation_ms(rows: Sequence[dict[str, Any]], role: str) -> float | None:
+def generation_ms(rows: Sequence[ManifestRow], role: str) -> float | None:
     """Mean ms per image of `role` ("student" or "teacher") over the manifest rows that record
     it in `timings_ms`; `None` when none do."""
-    values = [row["timings_ms"][role] for row in rows
-              if isinstance(row.get("timings_ms"), dict) and isinstance(row["timings_ms"].get(role), (int, float))]
+    values = [row.timings_ms[role] for row in rows if role in row.timings_ms]
     return float(np.mean(values)) if values else None
 
 
-def fairness_breakdown(rows: Sequence[dict[str, Any]], scores: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+def fairness_breakdown(rows: Sequence[ManifestRow], scores: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """`{attribute: {value: group scores}}` for each of `FAIRNESS_ATTRIBUTES`, groups largest
     first; a row without the attribute counts as `"(missing)"`, so counts sum to the pairs."""
     breakdown = {}
     for attribute in FAIRNESS_ATTRIBUTES:
         members: dict[str, list[int]] = defaultdict(list)
         for index, row in enumerate(rows):
-            members[str((row.get("attributes") or {}).get(attribute, "(missing)"))].append(index)
+            members[row.attributes.get(attribute, "(missing)")].append(index)
         groups = {}
         for value, indices in sorted(members.items(), key=lambda item: (-len(item[1]), item[0])):
             s = {key: tensor[indices] for key, tensor in scores.items()}
@@ -114,14 +105,15 @@ def fairness_breakdown(rows: Sequence[dict[str, Any]], scores: dict[str, torch.T
     return breakdown
 
 
-def _affine_baseline(card: dict[str, Any], data: Path, val_fraction: float,
-                     evaluated: PairDataset) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _affine_baseline(
+    card: dict[str, Any], data: Path, val_fraction: float, evaluated: PairDataset
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     """`a`, `b` of the global colour correction and where they came from: the refiner's
     training card, else a fit on the training split, else (no training pairs) on the
     evaluated pairs themselves, which flatters the baseline and is said so."""
     if "affine_baseline" in card:
         fitted = card["affine_baseline"]
-        source = f"from `{EXPORT_JSON}` (fitted on the training pairs)"
+        source = f"from `{CARD_NAME}` (fitted on the training pairs)"
         return torch.tensor(fitted["a"]), torch.tensor(fitted["b"]), source
     train_set = PairDataset(data, "train", None, val_fraction)
     if len(train_set):
@@ -161,15 +153,15 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 2:
         raise ValueError(f"limit must be >= 2 (FID needs two images per set), got {limit}")
-    card_path = Path(refiner) / EXPORT_JSON if refiner is not None else None
-    card = json.loads(card_path.read_text()) if card_path is not None and card_path.is_file() else {}
+    card = read_card(refiner)
     if val_fraction is None:
         val_fraction = card.get("data", {}).get("val_fraction", DEFAULT_VAL_FRACTION)
     dataset = PairDataset(data, split, None, val_fraction)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     if count < 2:
-        raise ValueError(f"{data}: split {split!r} has {len(dataset)} pairs at val_fraction={val_fraction}; "
-                         "FID needs at least 2")
+        raise ValueError(
+            f"{data}: split {split!r} has {len(dataset)} pairs at val_fraction={val_fraction}; FID needs at least 2"
+        )
     device = torch.device(device)
     model = load_refiner(refiner, device)
     a, b, affine_source = _affine_baseline(card, Path(data), val_fraction, dataset)
@@ -211,13 +203,13 @@ def evaluate(
     student_ms, teacher_ms = generation_ms(rows, "student"), generation_ms(rows, "teacher")
     reduction = (1 - (student_ms + refiner_ms) / teacher_ms) if student_ms is not None and teacher_ms else None
 
-    mean = lambda key: scores[key].mean().item()  # noqa: E731
+    mean = {key: values.mean().item() for key, values in scores.items()}
     teacher_hf = scores["teacher_hf"].sum().item()
     metrics = {
         "paired": {
-            "student": {"l1": mean("student_l1"), "psnr": mean("student_psnr"), "ssim": mean("student_ssim")},
-            "refined": {"l1": mean("refined_l1"), "psnr": mean("refined_psnr"), "ssim": mean("refined_ssim")},
-            "affine": {"l1": mean("affine_l1")},
+            "student": {"l1": mean["student_l1"], "psnr": mean["student_psnr"], "ssim": mean["student_ssim"]},
+            "refined": {"l1": mean["refined_l1"], "psnr": mean["refined_psnr"], "ssim": mean["refined_ssim"]},
+            "affine": {"l1": mean["affine_l1"]},
         },
         "fid": {
             "student_teacher": student_dist["fid"],
@@ -267,8 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refiner", required=True, type=Path, help="exported refiner directory")
     p.add_argument("--out", type=Path, default=None, help="report directory (default: eval-SPLIT beside the refiner)")
     p.add_argument("--split", choices=("val", "train", "all"), default="val")
-    p.add_argument("--inception-weights", type=Path, default=None,
-                   help="local pt_inception-2015-12-05-*.pth (pytorch-fid's); without it FID is uncalibrated")
+    p.add_argument(
+        "--inception-weights",
+        type=Path,
+        default=None,
+        help="local pt_inception-2015-12-05-*.pth (pytorch-fid's); without it FID is uncalibrated",
+    )
     p.add_argument("--limit", type=int, default=None, help="score only the first N pairs of the split")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -280,19 +276,35 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     out = args.out or args.refiner.parent / f"eval-{args.split}"
-    m = evaluate(args.data, args.refiner, out, split=args.split, batch_size=args.batch_size, device=args.device,
-                 inception_weights=args.inception_weights, limit=args.limit, val_fraction=args.val_fraction)
+    m = evaluate(
+        args.data,
+        args.refiner,
+        out,
+        split=args.split,
+        batch_size=args.batch_size,
+        device=args.device,
+        inception_weights=args.inception_weights,
+        limit=args.limit,
+        val_fraction=args.val_fraction,
+    )
     p, fid, cost = m["paired"], m["fid"], m["cost"]
-    fmt = lambda value, spec: "n/a" if value is None else format(value, spec)  # noqa: E731
     print(f"{m['pairs']} {m['split']} pairs, refiner {m['refiner_version']}")
-    print(f"L1 to teacher: student {p['student']['l1']:.5f}  affine {p['affine']['l1']:.5f}  "
-          f"refined {p['refined']['l1']:.5f}")
-    print(f"FID to teacher [{fid['extractor']}]: student {fid['student_teacher']:.3f}  refined "
-          f"{fid['refined_teacher']:.3f}  FIDdiff {fid['fiddiff']:.3f}  gap closed {fmt(fid['gap_closed'], '.1%')}")
-    print(f"HF energy / teacher: student {fmt(m['detail']['student_hf_ratio'], '.3f')}  "
-          f"refined {fmt(m['detail']['refined_hf_ratio'], '.3f')}")
-    print(f"ms per image: student {fmt(cost['student_ms'], '.2f')}  teacher {fmt(cost['teacher_ms'], '.2f')}  "
-          f"refiner {cost['refiner_ms']:.2f}  cost reduction {fmt(cost['reduction'], '.1%')}")
+    print(
+        f"L1 to teacher: student {p['student']['l1']:.5f}  affine {p['affine']['l1']:.5f}  "
+        f"refined {p['refined']['l1']:.5f}"
+    )
+    print(
+        f"FID to teacher [{fid['extractor']}]: student {fid['student_teacher']:.3f}  refined "
+        f"{fid['refined_teacher']:.3f}  FIDdiff {fid['fiddiff']:.3f}  gap closed {fmt(fid['gap_closed'], '.1%')}"
+    )
+    print(
+        f"HF energy / teacher: student {fmt(m['detail']['student_hf_ratio'], '.3f')}  "
+        f"refined {fmt(m['detail']['refined_hf_ratio'], '.3f')}"
+    )
+    print(
+        f"ms per image: student {fmt(cost['student_ms'], '.2f')}  teacher {fmt(cost['teacher_ms'], '.2f')}  "
+        f"refiner {cost['refiner_ms']:.2f}  cost reduction {fmt(cost['reduction'], '.1%')}"
+    )
     print(f"report: {out / 'report.md'}")
     return 0
 

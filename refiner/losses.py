@@ -10,7 +10,8 @@ apart everywhere (config, metrics columns, the exported refiner's JSON) so a run
 without LPIPS never passes for one trained with it.
 
 Unpaired (Zhu et al., 2017): least-squares GAN loss (LSGAN, Mao et al. 2017), cycle
-consistency L1 and identity L1.
+consistency L1 and identity L1, combined into the generators' and the discriminators'
+objectives.
 
 All images are `(B, C, H, W)` in [0, 1].
 """
@@ -18,11 +19,15 @@ All images are `(B, C, H, W)` in [0, 1].
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from refiner.extractors import LPIPSAlex
+from refiner.networks import CycleOutputs
 
 PERCEPTUAL_LOSSES = ("ms_ssim", "lpips", "none")
 
@@ -128,81 +133,6 @@ def ms_ssim(
     return torch.prod(stacked**w, dim=-1).mean(dim=1)  # (B,)
 
 
-# --- LPIPS, when its weights are on disk -----------------------------------------------
-
-
-class LPIPSAlex(nn.Module):
-    """LPIPS (Zhang et al., 2018) with the AlexNet backbone, loaded from local weights only.
-
-    Needs one or more weights files (`.pth` or `.safetensors`) that together hold:
-    torchvision's AlexNet `features.{0,3,6,8,10}.{weight,bias}` and the lpips package's
-    linear heads `lin{0..4}.model.1.weight` (its `weights/v0.1/alex.pth`). torchvision
-    itself is not imported (it breaks diffusers here): the backbone is rebuilt below with
-    torchvision's layer names. The network is frozen.
-    """
-
-    def __init__(self, weights: str | Path | Sequence[str | Path]) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(inplace=False),   # 0, 1 -> tap
-            nn.MaxPool2d(3, stride=2),
-            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=False),            # 3, 4 -> tap
-            nn.MaxPool2d(3, stride=2),
-            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=False),           # 6, 7 -> tap
-            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=False),           # 8, 9 -> tap
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=False),           # 10, 11 -> tap
-        )
-        self.taps = (1, 4, 7, 9, 11)
-        widths = (64, 192, 384, 256, 256)
-        # lpips names its heads lin0..lin4, each `model = Sequential(Dropout, Conv1x1)`.
-        for i, width in enumerate(widths):
-            setattr(self, f"lin{i}", nn.Module())
-            getattr(self, f"lin{i}").model = nn.Sequential(nn.Identity(), nn.Conv2d(width, 1, 1, bias=False))
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-
-        files = [weights] if isinstance(weights, (str, Path)) else list(weights)
-        state: dict[str, torch.Tensor] = {}
-        for file in files:
-            state.update(_load_state_dict(Path(file)))
-        wanted = {k for k in self.state_dict() if k not in ("shift", "scale")}
-        missing = sorted(wanted - set(state))
-        if missing:
-            raise ValueError(
-                f"lpips weights {', '.join(map(str, files))} lack {len(missing)} tensors, "
-                f"e.g. {missing[:3]} (need torchvision AlexNet features.* and lpips lin*.model.1.weight)"
-            )
-        self.load_state_dict({k: state[k] for k in wanted}, strict=False)
-        self.requires_grad_(False).eval()
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """LPIPS distance per image, `(B,)`, for images in [0, 1]."""
-        h = torch.cat([x, y]) * 2 - 1
-        h = (h - self.shift) / self.scale
-        total = 0
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in self.taps:
-                k = self.taps.index(i)
-                fx, fy = h.chunk(2)
-                # Unit-normalise each position's feature vector, then a learned weighted distance.
-                fx = fx / (fx.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-                fy = fy / (fy.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-                d = getattr(self, f"lin{k}").model((fx - fy) ** 2)  # (B, 1, h, w)
-                total = total + d.mean(dim=(1, 2, 3))
-        return total
-
-
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no lpips weights file at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 # --- the paired loss -------------------------------------------------------------------
 
 
@@ -234,8 +164,9 @@ class PairedLoss(nn.Module):
         if perceptual not in PERCEPTUAL_LOSSES:
             raise ValueError(f"perceptual must be one of {PERCEPTUAL_LOSSES}, got {perceptual!r}")
         if perceptual == "lpips" and lpips_weights is None:
-            raise ValueError("perceptual='lpips' needs lpips_weights (a local weights file); "
-                             "use perceptual='ms_ssim' without one")
+            raise ValueError(
+                "perceptual='lpips' needs lpips_weights (a local weights file); use perceptual='ms_ssim' without one"
+            )
         self.gradient_weight = gradient_weight
         self.perceptual = perceptual
         self.perceptual_weight = perceptual_weight
@@ -256,7 +187,7 @@ class PairedLoss(nn.Module):
         return total, {name: value.detach() for name, value in parts.items()}
 
 
-# --- CycleGAN losses -------------------------------------------------------------------
+# --- adversarial and CycleGAN losses ---------------------------------------------------
 
 
 def lsgan_loss(prediction: torch.Tensor, real: bool) -> torch.Tensor:
@@ -273,3 +204,57 @@ def cycle_loss(reconstructed: torch.Tensor, original: torch.Tensor) -> torch.Ten
 def identity_loss(mapped: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     """L1 between a target-domain image and what the generator makes of it (should be itself)."""
     return F.l1_loss(mapped.float(), original.float())
+
+
+@dataclass
+class CycleLossWeights:
+    gan: float = 1.0
+    cycle: float = 10.0
+    identity: float = 5.0  # the original's 0.5 x cycle weight
+
+
+def generator_loss(
+    out: CycleOutputs,
+    discriminators: nn.Module,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weights: CycleLossWeights,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The generators' objective: fool both discriminators, close both cycles, keep identities."""
+    # 1. Adversarial: both fakes should be scored real.
+    pred_teacher, pred_student = discriminators(out.fake_teacher, out.fake_student)
+    gan = lsgan_loss(pred_teacher, True) + lsgan_loss(pred_student, True)
+    # 2. Cycle: student -> teacher -> student returns the student, and vice versa.
+    cycle = cycle_loss(out.cycled_student, student) + cycle_loss(out.cycled_teacher, teacher)
+    total = weights.gan * gan + weights.cycle * cycle
+    parts = {"gan": gan.detach(), "cycle": cycle.detach()}
+    # 3. Identity: a generator given an image already in its target domain leaves it alone.
+    if out.identity_teacher is not None:
+        identity = identity_loss(out.identity_teacher, teacher) + identity_loss(out.identity_student, student)
+        total = total + weights.identity * identity
+        parts["identity"] = identity.detach()
+    return total, parts
+
+
+def discriminator_loss(
+    out: CycleOutputs, discriminators: nn.Module, student: torch.Tensor, teacher: torch.Tensor
+) -> torch.Tensor:
+    """The discriminators' objective: real images real, (detached) fakes fake; halved as in
+    the original so D learns at half G's rate. Real and fake go through in one batch."""
+    batch = student.shape[0]
+    pred_teacher, pred_student = discriminators(
+        torch.cat([teacher, out.fake_teacher.detach()]), torch.cat([student, out.fake_student.detach()])
+    )
+    real_t, fake_t = pred_teacher.split(batch)
+    real_s, fake_s = pred_student.split(batch)
+    loss_t = lsgan_loss(real_t, True) + lsgan_loss(fake_t, False)
+    loss_s = lsgan_loss(real_s, True) + lsgan_loss(fake_s, False)
+    return 0.5 * (loss_t + loss_s)
+
+
+def patch_discriminator_loss(discriminator: nn.Module, refined: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The paired refiner's discriminator objective (pix2pix): teacher images real, (detached)
+    refined ones fake; halved so D learns at half the refiner's rate."""
+    real = lsgan_loss(discriminator(teacher), True)
+    fake = lsgan_loss(discriminator(refined.detach()), False)
+    return 0.5 * (real + fake)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from refiner.pixels import to_pil
+
 COLOURS = {"student": (214, 39, 40), "refined": (31, 119, 180), "teacher": (44, 160, 44)}
 
 
@@ -22,8 +24,12 @@ def plot_spectra(path: Path, frequencies: np.ndarray, spectra: dict[str, np.ndar
     logs = {name: np.log10(np.maximum(values, 1e-20)) for name, values in spectra.items()}
     low = math.floor(min(v.min() for v in logs.values()))
     high = max(math.ceil(max(v.max() for v in logs.values())), low + 1)
-    x_of = lambda f: left + f / 0.5 * (width - left - right)  # noqa: E731  (Nyquist at the right edge)
-    y_of = lambda v: top + (high - v) / (high - low) * (height - top - bottom)  # noqa: E731
+
+    def x_of(frequency: float) -> float:
+        return left + frequency / 0.5 * (width - left - right)  # Nyquist at the right edge
+
+    def y_of(log_power: float) -> float:
+        return top + (high - log_power) / (high - low) * (height - top - bottom)
 
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -42,8 +48,11 @@ def plot_spectra(path: Path, frequencies: np.ndarray, spectra: dict[str, np.ndar
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     for index, (name, values) in enumerate(logs.items()):
         # The first line drawn widest, so a later one lying on it (identity refiner) leaves it visible.
-        draw.line([(x_of(f), y_of(v)) for f, v in zip(frequencies, values)], fill=COLOURS.get(name, "black"),
-                  width=5 if index == 0 else 2)
+        draw.line(
+            [(x_of(f), y_of(v)) for f, v in zip(frequencies, values)],
+            fill=COLOURS.get(name, "black"),
+            width=5 if index == 0 else 2,
+        )
     for row, name in enumerate(logs):  # legend, top right
         y = top + 8 + 14 * row
         draw.line([(width - right - 110, y + 6), (width - right - 88, y + 6)], fill=COLOURS.get(name, "black"), width=3)
@@ -60,11 +69,9 @@ def sample_grid(path: Path, samples: list[tuple[str, torch.Tensor, torch.Tensor,
     header, caption = 16, 110
     rows = []
     for pair_id, *images in samples:
-        strip = torch.cat(images, dim=-1)  # (3, H, 3W)
-        array = (strip.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        scale = max(1, math.ceil(128 / array.shape[0]))
-        size = (array.shape[1] * scale, array.shape[0] * scale)
-        rows.append((pair_id, Image.fromarray(array).resize(size, Image.NEAREST)))
+        strip = to_pil(torch.cat(images, dim=-1))  # student | refined | teacher, (3, H, 3W)
+        scale = max(1, math.ceil(128 / strip.height))
+        rows.append((pair_id, strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST)))
     size = (caption + max(row.width for _, row in rows), header + sum(row.height for _, row in rows))
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
@@ -80,7 +87,8 @@ def sample_grid(path: Path, samples: list[tuple[str, torch.Tensor, torch.Tensor,
     canvas.save(path)
 
 
-def _f(value: float | None, spec: str = ".4f") -> str:
+def fmt(value: float | None, spec: str = ".4f") -> str:
+    """`value` formatted, or `"n/a"` for a score that could not be computed."""
     return "n/a" if value is None else format(value, spec)
 
 
@@ -109,18 +117,18 @@ def write_report(path: Path, metrics: dict[str, Any], context: dict[str, Any]) -
         "",
         "| score | student | refined | affine baseline |",
         "| --- | ---: | ---: | ---: |",
-        f"| L1 (lower is better) | {_f(p['student']['l1'], '.5f')} | {_f(p['refined']['l1'], '.5f')} "
-        f"| {_f(p['affine']['l1'], '.5f')} |",
-        f"| PSNR dB | {_f(p['student']['psnr'], '.2f')} | {_f(p['refined']['psnr'], '.2f')} | |",
-        f"| SSIM | {_f(p['student']['ssim'])} | {_f(p['refined']['ssim'])} | |",
-        f"| FID | {_f(fid['student_teacher'], '.3f')} | {_f(fid['refined_teacher'], '.3f')} | |",
-        f"| KID (± std over subsets) | {_f(kid['student_teacher'], '.5f')} "
-        f"± {_f(context['kid_std']['student'], '.5f')} "
-        f"| {_f(kid['refined_teacher'], '.5f')} ± {_f(context['kid_std']['refined'], '.5f')} | |",
-        f"| HF energy / teacher's (1 is the teacher's detail) | {_f(detail['student_hf_ratio'], '.3f')} "
-        f"| {_f(detail['refined_hf_ratio'], '.3f')} | |",
+        f"| L1 (lower is better) | {fmt(p['student']['l1'], '.5f')} | {fmt(p['refined']['l1'], '.5f')} "
+        f"| {fmt(p['affine']['l1'], '.5f')} |",
+        f"| PSNR dB | {fmt(p['student']['psnr'], '.2f')} | {fmt(p['refined']['psnr'], '.2f')} | |",
+        f"| SSIM | {fmt(p['student']['ssim'])} | {fmt(p['refined']['ssim'])} | |",
+        f"| FID | {fmt(fid['student_teacher'], '.3f')} | {fmt(fid['refined_teacher'], '.3f')} | |",
+        f"| KID (± std over subsets) | {fmt(kid['student_teacher'], '.5f')} "
+        f"± {fmt(context['kid_std']['student'], '.5f')} "
+        f"| {fmt(kid['refined_teacher'], '.5f')} ± {fmt(context['kid_std']['refined'], '.5f')} | |",
+        f"| HF energy / teacher's (1 is the teacher's detail) | {fmt(detail['student_hf_ratio'], '.3f')} "
+        f"| {fmt(detail['refined_hf_ratio'], '.3f')} | |",
         "",
-        f"**FIDdiff = {_f(fid['fiddiff'], '.3f')}, gap closed = {_f(fid['gap_closed'], '.1%')}.**",
+        f"**FIDdiff = {fmt(fid['fiddiff'], '.3f')}, gap closed = {fmt(fid['gap_closed'], '.1%')}.**",
         "",
         "Definitions (the paper names an FID-based difference score without publishing its formula):",
         "FIDdiff = FID(student, teacher) - FID(refined, teacher), positive when the refiner moves the",
@@ -158,10 +166,10 @@ def write_report(path: Path, metrics: dict[str, Any], context: dict[str, Any]) -
         for value, g in groups.items():
             worse = " **worse**" if g["improvement"] is not None and g["improvement"] < 0 else ""
             lines.append(
-                f"| {value} | {g['count']} | {_f(g['student_l1'], '.5f')} | {_f(g['refined_l1'], '.5f')} "
-                f"| {_f(g['improvement'], '.1%')}{worse} | {_f(g['student_psnr'], '.2f')} "
-                f"| {_f(g['refined_psnr'], '.2f')} "
-                f"| {_f(g['student_hf_ratio'], '.3f')} | {_f(g['refined_hf_ratio'], '.3f')} |"
+                f"| {value} | {g['count']} | {fmt(g['student_l1'], '.5f')} | {fmt(g['refined_l1'], '.5f')} "
+                f"| {fmt(g['improvement'], '.1%')}{worse} | {fmt(g['student_psnr'], '.2f')} "
+                f"| {fmt(g['refined_psnr'], '.2f')} "
+                f"| {fmt(g['student_hf_ratio'], '.3f')} | {fmt(g['refined_hf_ratio'], '.3f')} |"
             )
         lines.append("")
     lines += [
@@ -169,12 +177,12 @@ def write_report(path: Path, metrics: dict[str, Any], context: dict[str, Any]) -
         "",
         "| stage | ms per image | measured |",
         "| --- | ---: | --- |",
-        f"| student generation | {_f(cost['student_ms'], '.2f')} | manifest `timings_ms`, on the generating worker |",
-        f"| teacher generation | {_f(cost['teacher_ms'], '.2f')} | manifest `timings_ms`, on the generating worker |",
-        f"| refiner | {_f(cost['refiner_ms'], '.2f')} "
+        f"| student generation | {fmt(cost['student_ms'], '.2f')} | manifest `timings_ms`, on the generating worker |",
+        f"| teacher generation | {fmt(cost['teacher_ms'], '.2f')} | manifest `timings_ms`, on the generating worker |",
+        f"| refiner | {fmt(cost['refiner_ms'], '.2f')} "
         f"| here, on `{context['device']}`, batch of {context['batch_size']} |",
         "",
-        f"Cost reduction of student + refiner against the teacher: **{_f(cost['reduction'], '.1%')}**"
+        f"Cost reduction of student + refiner against the teacher: **{fmt(cost['reduction'], '.1%')}**"
         " (1 - (student + refiner) / teacher). Generation and refinement were timed on different machines",
         "unless the pairs were generated on this device; compare like with like.",
         "",

@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import redis
 from celery import Celery
 
-from shared import keys
+from shared.routing import task_routes
 from shared.settings import Settings
 
 # Celery's Redis transport keeps one list per priority step: "<queue>" for 0 and
@@ -53,8 +53,8 @@ def broker_ssl_options(url: str) -> dict | None:
     return options
 
 
-def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
-    app = Celery("face_refinery", broker=settings.redis_url, include=include or [])
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("face_refinery", broker=settings.redis_url)
     transport = {
         "visibility_timeout": settings.visibility_timeout_s,
         "priority_steps": PRIORITY_STEPS,
@@ -81,12 +81,7 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.queue_generate,
-        task_routes={
-            keys.TASK_GENERATE: {"queue": settings.queue_generate},
-            keys.TASK_REFINE: {"queue": settings.queue_refine},
-            keys.TASK_PAIR: {"queue": settings.queue_pairs},
-            keys.TASK_CALLBACK: {"queue": settings.queue_callbacks},
-        },
+        task_routes=task_routes(settings),
         # Events let Flower follow tasks.
         worker_send_task_events=True,
         task_send_sent_event=True,

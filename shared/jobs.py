@@ -15,9 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.errors import InvalidInput
+from shared.presets import SMALLEST_SIZE
 
-MIN_SIZE_TINY = 32  # the offline tiny presets, for tests and the demo
-MIN_SIZE = 256  # real FLUX presets
 MAX_SIZE = 2048
 SIZE_MULTIPLE = 16
 MAX_SEED = 2**63 - 1
@@ -107,8 +106,8 @@ class GenerateSpec(_JobSpec):
     kind: Literal[JobKind.generate_and_refine] = JobKind.generate_and_refine
     prompt: str = Field(min_length=1, max_length=2000)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True)
-    width: int = Field(1024, ge=MIN_SIZE_TINY, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, strict=True)
-    height: int = Field(1024, ge=MIN_SIZE_TINY, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, strict=True)
+    width: int = Field(1024, ge=SMALLEST_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, strict=True)
+    height: int = Field(1024, ge=SMALLEST_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, strict=True)
     # None: the preset's own default (4 steps / guidance 0 for schnell, 28 / 3.5 for dev).
     steps: int | None = Field(None, ge=1, le=100, strict=True)
     guidance: float | None = Field(None, ge=0, le=20)
@@ -146,8 +145,8 @@ class PairSpec(_JobSpec):
     kind: Literal[JobKind.pair] = JobKind.pair
     prompt: str = Field(min_length=1, max_length=2000)
     seed: int = Field(ge=0, le=MAX_SEED, strict=True)
-    width: int = Field(1024, ge=MIN_SIZE_TINY, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, strict=True)
-    height: int = Field(1024, ge=MIN_SIZE_TINY, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, strict=True)
+    width: int = Field(1024, ge=SMALLEST_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, strict=True)
+    height: int = Field(1024, ge=SMALLEST_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, strict=True)
     dataset: str  # s3://bucket/prefix
     pair_id: str = Field(pattern=r"^[\w\-]{1,64}$")
     attributes: dict[str, str] = Field(default_factory=dict)
@@ -163,15 +162,6 @@ class PairSpec(_JobSpec):
 
 
 JobSpec = Annotated[GenerateSpec | RefineSpec | PairSpec, Field(discriminator="kind")]
-
-
-def check_size_for_preset(spec: GenerateSpec | PairSpec, preset: str) -> None:
-    """Real FLUX presets need at least 256 px; only the tiny test doubles go smaller."""
-    if preset.startswith("tiny-"):
-        return
-    for field in ("width", "height"):
-        if getattr(spec, field) < MIN_SIZE:
-            raise InvalidInput(f"must be at least {MIN_SIZE} for preset {preset!r}", field=field)
 
 
 def build_spec(model: type[_JobSpec], **fields: Any) -> Any:

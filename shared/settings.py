@@ -130,10 +130,6 @@ class Settings(BaseSettings):
         return path.expanduser() if path else None
 
     @property
-    def model_queues(self) -> tuple[str, str, str]:
-        return (self.queue_generate, self.queue_refine, self.queue_pairs)
-
-    @property
     def readable_buckets(self) -> list[str]:
         return [self.s3_bucket, *self.s3_input_buckets]
 

@@ -17,6 +17,9 @@ from shared.errors import JobNotFound
 from shared.jobs import JobRecord, JobState, utcnow
 from shared.settings import Settings
 
+# As raw JSON spells them, for records that do not parse.
+TERMINAL_STATES = {state.value for state in JobState if state.terminal}
+
 # A mutation returns the new record, or None to leave the stored one as it is.
 Mutation = Callable[[JobRecord], JobRecord | None]
 
@@ -91,7 +94,7 @@ class JobStore:
 
         def edit(raw: bytes | None) -> tuple[str, str] | None:
             document = json.loads(raw) if raw else None
-            if not isinstance(document, dict) or document.get("state") in ("succeeded", "failed", "cancelled"):
+            if not isinstance(document, dict) or document.get("state") in TERMINAL_STATES:
                 return None
             error = {"code": "invalid_input", "message": message, "field": None}
             document.update(state="failed", finished_at=utcnow().isoformat(), error=error)

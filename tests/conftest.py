@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from devstack.stack import LocalStack
 from producer.client import Client
-from producer.local_stack import LocalStack
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+from devstack.stack import LocalStack
 from producer.client import Client
-from producer.local_stack import LocalStack
 from shared.jobs import JobState
 from shared.settings import Settings
-from worker.batches import GenerateItem, GenerateKey, ModelWork, RefineKey
+from shared.storage import Storage
+from worker.jobs.generate import GenerateItem, GenerateJob, GenerateKey
+from worker.jobs.refine import RefineJob, RefineKey
 from worker.registry import ModelRegistry
 
 PROMPTS = ["portrait of an old man", "portrait of a young woman", "portrait of a child", "portrait of a bald man"]
@@ -29,7 +31,7 @@ def registry(tmp_path_factory) -> ModelRegistry:
 
 
 def test_batched_generate_and_refine_equal_single_runs(registry):
-    work = ModelWork(registry)
+    work = GenerateJob(registry, Storage(registry.settings), registry.settings).run_batch
     key = GenerateKey(width=64, height=48, steps=4, guidance=0.0)
     items = [GenerateItem(p, s, refine=True) for p, s in zip(PROMPTS, SEEDS)]
 
@@ -46,7 +48,7 @@ def test_batched_generate_and_refine_equal_single_runs(registry):
 
 
 def test_refine_only_batches_equal_single_runs(registry):
-    work = ModelWork(registry)
+    work = RefineJob(registry, Storage(registry.settings), registry.settings).run_batch
     images = [torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     key = RefineKey(width=56, height=40)
     batched = work(key, images)

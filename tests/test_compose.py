@@ -103,7 +103,7 @@ def test_flower_has_basic_auth_and_persistent_state() -> None:
 
 
 def test_images_never_bake_weights() -> None:
-    allowed_sources = {"pyproject.toml", "README.md", "shared", "producer", "worker", "refiner", "./"}
+    allowed_sources = {"pyproject.toml", "README.md", "shared", "producer", "worker", "refiner", "cli", "./"}
     for dockerfile in ("worker.Dockerfile", "producer.Dockerfile"):
         text = (DOCKER / dockerfile).read_text()
         instructions = [line for line in text.splitlines() if line and not line.startswith("#")]

@@ -15,7 +15,7 @@ import standardwebhooks
 from PIL import Image
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from producer.local_stack import wait_until
+from devstack.stack import wait_until
 from shared.errors import CallbackRefused, InvalidInput
 from shared.images import TRAINED_ALGORITHMIC_MEDIA, read_provenance
 from shared.jobs import JobState

@@ -1,4 +1,5 @@
-"""Unit tests for refiner evaluation (`refiner.evaluate`, `refiner.metrics`, `refiner.report`).
+"""Unit tests for refiner evaluation (`refiner.evaluate`, `refiner.metrics`, `refiner.extractors`,
+`refiner.report`).
 
 The pair sets are synthetic, written in the pairs layout without any diffusion model: the
 teacher is a smooth random field with fine texture on top, the student variants are the
@@ -20,7 +21,9 @@ from PIL import Image
 from refiner import RefinerUNet
 from refiner.data import PairDataset
 from refiner.evaluate import FAIRNESS_ATTRIBUTES, evaluate, main
-from refiner.metrics import InceptionV3FID, build_extractor, fid_gap, load_inception
+from refiner.extractors import InceptionV3FID, build_extractor, load_inception
+from refiner.metrics import fid_gap
+from shared.datasets import MANIFEST_DIR, ManifestRow, PresetRow, pair_paths
 
 SIZE, PAIRS = 64, 24
 ATTRIBUTES = {
@@ -49,26 +52,26 @@ def blur(image: np.ndarray) -> np.ndarray:
 
 def write_pairs(root: Path, student_of) -> Path:
     rng = np.random.default_rng(0)
-    (root / "manifest").mkdir(parents=True)
+    (root / MANIFEST_DIR).mkdir(parents=True)
     for index in range(PAIRS):
         pair_id = f"pair{index:03d}"
+        paths = pair_paths(pair_id)
         teacher = teacher_image(rng)
-        folder = root / "pairs" / pair_id
-        folder.mkdir(parents=True)
+        (root / paths["teacher"]).parent.mkdir(parents=True)
         for name, image in (("teacher", teacher), ("student", student_of(teacher))):
-            Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(folder / f"{name}.png")
-        row = {
-            "pair_id": pair_id,
-            "prompt": f"portrait {index}",
-            "attributes": {name: values[index % len(values)] for name, values in ATTRIBUTES.items()},
-            "seed": index,
-            "width": SIZE,
-            "height": SIZE,
-            "student": {"preset": "tiny-schnell", "steps": 4, "guidance": 0.0},
-            "teacher": {"preset": "tiny-dev", "steps": 28, "guidance": 3.5},
-            "timings_ms": {"student": 3.5, "teacher": 13.5},
-        }
-        (root / "manifest" / f"{pair_id}.json").write_text(json.dumps(row))
+            Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(root / paths[name])
+        row = ManifestRow(
+            pair_id=pair_id,
+            prompt=f"portrait {index}",
+            attributes={name: values[index % len(values)] for name, values in ATTRIBUTES.items()},
+            seed=index,
+            width=SIZE,
+            height=SIZE,
+            student=PresetRow(preset="tiny-schnell", steps=4, guidance=0.0),
+            teacher=PresetRow(preset="tiny-dev", steps=28, guidance=3.5),
+            timings_ms={"student": 3.5, "teacher": 13.5},
+        )
+        (root / paths["manifest"]).write_text(row.model_dump_json())
     return root
 
 

@@ -14,8 +14,8 @@ from collections import Counter
 
 import pytest
 
+from devstack.stack import LocalStack, wait_until
 from producer.client import Client
-from producer.local_stack import LocalStack, wait_until
 from shared import keys
 from shared.jobs import GenerateSpec, JobKind, JobRecord, JobState
 from shared.storage import Storage

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.local_stack import free_port, wait_until
+from devstack.stack import free_port, wait_until
 from shared import keys
 from shared.broker import PRIORITY_STEPS, make_celery, queue_lists
 from shared.jobs import JobState, Priority

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from devstack.stack import wait_until
 from producer.client import Client, JobHandle
-from producer.local_stack import wait_until
 from shared import keys
 from shared.broker import queue_depth
 from shared.errors import CallbackRefused, InvalidImage, InvalidInput, RefineryError

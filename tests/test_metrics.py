@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.local_stack import free_port
+from devstack.stack import free_port
 from shared.jobs import GenerateSpec, JobRecord, JobState, RefineSpec
 from worker import metrics
 
@@ -39,15 +39,17 @@ def test_observe_job_counts_terminal_jobs_and_records_stage_timings() -> None:
     }
 
     metrics.observe_job(record(JobState.succeeded, GENERATE_TIMINGS))
-    metrics.observe_job(record(JobState.succeeded, GENERATE_TIMINGS), batch_size=4)
-    # Without the argument, the batch size the record carries (the runner writes it).
+    # The batch size the record carries (the runner writes it); 1 when it has none.
+    metrics.observe_job(record(JobState.succeeded, GENERATE_TIMINGS).model_copy(update={"batch_size": 4}))
     metrics.observe_job(record(JobState.succeeded, GENERATE_TIMINGS).model_copy(update={"batch_size": 3}))
     # A job that failed in generate has no upload timing; only what ran is recorded.
     metrics.observe_job(record(JobState.failed, {"queue_wait": 500.0, "generate": 100.0, "total": 100.0}))
     # Not terminal: ignored, so a job is never counted twice.
     metrics.observe_job(record(JobState.running, {"queue_wait": 99999.0}))
 
-    delta = lambda name, **labels: sample(name, **labels, **kind)  # noqa: E731
+    def delta(name: str, **labels: str) -> float:
+        return sample(name, **labels, **kind)
+
     assert delta("refinery_jobs_total", state="succeeded") - before["ok"] == 3
     assert delta("refinery_jobs_total", state="failed") - before["failed"] == 1
     assert delta("refinery_queue_wait_seconds_count") - before["wait_count"] == 4

@@ -16,7 +16,7 @@ from worker.models import (
     resolve_dtype,
     warm_up,
 )
-from worker.presets import PRESETS, get_preset
+from shared.presets import PRESETS, get_preset
 from worker.tiny_flux import build_tiny_pipeline, ensure_tiny_pipeline_saved
 
 PROMPTS = [

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack.stack import LocalStack, free_port, wait_until
 from producer.client import Client
-from producer.local_stack import LocalStack, free_port, wait_until
 from shared.jobs import JobState
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from producer.local_stack import LocalStack
+from devstack.stack import LocalStack
 from refiner.data import PairDataset
 
 pytestmark = pytest.mark.integration

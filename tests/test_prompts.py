@@ -6,15 +6,16 @@ import subprocess
 import sys
 
 import pytest
-from rich.table import Table
+from click.testing import CliRunner
 
+from cli import refinery
 from producer.prompts import (
     ATTRIBUTES,
     REGIONS,
     PortraitPrompt,
     attribute_distribution,
     build_prompts,
-    format_distribution,
+    top_values,
 )
 
 REQUIRED = ("age_group", "gender_presentation", "ethnicity_region", "skin_tone", "hair", "expression",
@@ -90,11 +91,21 @@ def test_many_faker_locales_appear(prompts: list[PortraitPrompt]) -> None:
     assert len(names) >= 190
 
 
-def test_format_distribution(prompts: list[PortraitPrompt]) -> None:
+def test_top_values_fold_the_rest_into_one_entry(prompts: list[PortraitPrompt]) -> None:
     distribution = attribute_distribution(prompts)
-    assert isinstance(format_distribution(distribution), Table)
-    text = format_distribution(distribution, top=3, as_text=True)
-    assert "ethnicity_region" in text and "more values" in text
+    shown = top_values(distribution, top=3)
+    assert set(shown) == set(ATTRIBUTES)
+    regions = shown["ethnicity_region"]
+    assert len(regions) == 4 and "more values" in regions[-1][0]
+    assert regions[:3] == list(distribution["ethnicity_region"].items())[:3]
+    assert sum(count for _, count in regions) == len(prompts)
+
+
+def test_the_cli_renders_the_distribution_as_a_table() -> None:
+    result = CliRunner().invoke(refinery, ["pairs", "prompts", "--count", "200", "--top", "3"])
+    assert result.exit_code == 0, result.output
+    assert "prompt attribute distribution" in result.output
+    assert "ethnicity_region" in result.output and "more values" in result.output
 
 
 def test_bad_arguments_raise() -> None:

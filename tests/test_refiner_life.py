@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
+from devstack.stack import LocalStack
 from producer.client import Client
-from producer.local_stack import LocalStack
-from refiner.loading import load_refiner
+from refiner import load_refiner, to_tensor
 from refiner.metrics import quantize
 from shared.jobs import JobState
 
@@ -50,8 +50,7 @@ def life(tmp_path_factory: pytest.TempPathFactory):
 
 def _pixels(png: bytes) -> torch.Tensor:
     """(3, H, W) floats in [0, 1] of an encoded image."""
-    array = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 255
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return to_tensor(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
 def _check_served(stack: LocalStack, refiner_dir: Path, data: Path) -> None:

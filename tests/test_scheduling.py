@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from devstack.stack import LocalStack
 from producer.client import Client
-from producer.local_stack import LocalStack
 from shared.errors import QueueFull
 from shared.jobs import JobState
 

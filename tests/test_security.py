@@ -24,8 +24,8 @@ import pytest
 import redis
 from PIL import Image
 
+from devstack.stack import LocalStack, free_port, wait_until
 from producer.client import Client
-from producer.local_stack import LocalStack, free_port, wait_until
 from shared import keys
 from shared.broker import make_celery, queue_depth, queue_lists
 from shared.jobs import GenerateSpec, JobKind, JobRecord, JobState

@@ -17,28 +17,30 @@ import pytest
 import torch
 from PIL import Image
 
-from refiner import RefinerUNet, load_refiner
-from refiner.cyclegan import (
-    CycleDiscriminators,
-    CycleLossWeights,
-    EfficientSelfAttention,
-    PatchDiscriminator,
-    build_cyclegan,
-    count_parameters,
-    discriminator_loss,
-    generator_loss,
-)
+from refiner import RefinerUNet, load_refiner, to_pil
 from refiner.data import PairDataset, ResumableBatchSampler, split_of
+from refiner.extractors import LPIPSAlex
 from refiner.losses import (
-    LPIPSAlex,
+    CycleLossWeights,
     PairedLoss,
     cycle_loss,
+    discriminator_loss,
+    generator_loss,
     gradient_loss,
     identity_loss,
     lsgan_loss,
     ms_ssim,
 )
-from refiner.train import TrainConfig, config_from_args, get_lr, train
+from refiner.networks import (
+    CycleDiscriminators,
+    EfficientSelfAttention,
+    PatchDiscriminator,
+    build_cyclegan,
+    count_parameters,
+)
+from refiner.options import TrainConfig, config_from_args
+from refiner.train import get_lr, train
+from shared.datasets import MANIFEST_DIR, ManifestRow, PresetRow, pair_paths
 
 SIZE = 32
 PAIRS = 48
@@ -60,7 +62,7 @@ def pairs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for pipe in (student_pipe, teacher_pipe):
         pipe.set_progress_bar_config(disable=True)
     prompts = build_prompts(PAIRS, seed=0)
-    (root / "manifest").mkdir()
+    (root / MANIFEST_DIR).mkdir()
     for start in range(0, PAIRS, 16):
         chunk, seeds = prompts[start : start + 16], list(range(start, start + 16))
         texts = [p.text for p in chunk]
@@ -69,25 +71,34 @@ def pairs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         teachers = generate(teacher_pipe, texts, seeds, steps=28, guidance=3.5, **common)
         for prompt, seed, student, teacher in zip(chunk, seeds, students, teachers):
             pair_id = f"{seed:07d}"
-            folder = root / "pairs" / pair_id
-            folder.mkdir(parents=True)
-            for name, image in (("student", student), ("teacher", teacher)):
-                array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                Image.fromarray(array).save(folder / f"{name}.png")
-            row = {
-                "pair_id": pair_id, "prompt": prompt.text, "attributes": prompt.attributes, "seed": seed,
-                "width": SIZE, "height": SIZE,
-                "student": {"preset": "tiny-schnell", "steps": 4, "guidance": 0.0},
-                "teacher": {"preset": "tiny-dev", "steps": 28, "guidance": 3.5},
-                "timings_ms": {},
-            }
-            (root / "manifest" / f"{pair_id}.json").write_text(json.dumps(row))
+            paths = pair_paths(pair_id)
+            (root / paths["student"]).parent.mkdir(parents=True)
+            to_pil(student).save(root / paths["student"])
+            to_pil(teacher).save(root / paths["teacher"])
+            row = ManifestRow(
+                pair_id=pair_id,
+                prompt=prompt.text,
+                attributes=prompt.attributes,
+                seed=seed,
+                width=SIZE,
+                height=SIZE,
+                student=PresetRow(preset="tiny-schnell", steps=4, guidance=0.0),
+                teacher=PresetRow(preset="tiny-dev", steps=28, guidance=3.5),
+            )
+            (root / paths["manifest"]).write_text(row.model_dump_json())
     return root
 
 
 def _config(pairs_dir: Path, out: Path, **overrides) -> TrainConfig:
-    settings = {"data": str(pairs_dir), "out": str(out), "batch_size": 4, "val_every": 10, "sample_every": 10,
-                "checkpoint_every": 10, **SMALL}
+    settings = {
+        "data": str(pairs_dir),
+        "out": str(out),
+        "batch_size": 4,
+        "val_every": 10,
+        "sample_every": 10,
+        "checkpoint_every": 10,
+        **SMALL,
+    }
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -120,8 +131,8 @@ def test_items_rows_and_incomplete_pairs(pairs_dir: Path, tmp_path: Path) -> Non
     assert item["student"].dtype == torch.float32
     assert 0 <= item["student"].min() and item["teacher"].max() <= 1
     assert not torch.equal(item["student"], item["teacher"])
-    assert item["pair_id"] == dataset.pair_ids[0] == dataset.rows[0]["pair_id"]
-    assert "age_group" in dataset.rows[0]["attributes"]
+    assert item["pair_id"] == dataset.pair_ids[0] == dataset.rows[0].pair_id
+    assert "age_group" in dataset.rows[0].attributes
 
     # A manifest row whose images are not written yet is skipped, not an error.
     partial = tmp_path / "partial"
@@ -222,8 +233,13 @@ def test_lpips_loads_local_weights_only(tmp_path: Path) -> None:
     torch.manual_seed(0)
     reference = LPIPSAlex.__new__(LPIPSAlex)
     torch.nn.Module.__init__(reference)
-    shapes = {"features.0": (64, 3, 11, 11), "features.3": (192, 64, 5, 5), "features.6": (384, 192, 3, 3),
-              "features.8": (256, 384, 3, 3), "features.10": (256, 256, 3, 3)}
+    shapes = {
+        "features.0": (64, 3, 11, 11),
+        "features.3": (192, 64, 5, 5),
+        "features.6": (384, 192, 3, 3),
+        "features.8": (256, 384, 3, 3),
+        "features.10": (256, 256, 3, 3),
+    }
     state = {}
     for name, shape in shapes.items():
         state[f"{name}.weight"] = 0.05 * torch.randn(shape)
@@ -405,7 +421,13 @@ def test_cyclegan_trains_without_nans_and_exports_a_refiner(pairs_dir: Path, tmp
 
 
 def test_paired_adversarial_term_trains_and_resumes(pairs_dir: Path, tmp_path: Path) -> None:
-    common = {"adversarial_weight": 0.05, "lr_decay_steps": 10, "val_every": 5, "sample_every": 0, "checkpoint_every": 0}
+    common = {
+        "adversarial_weight": 0.05,
+        "lr_decay_steps": 10,
+        "val_every": 5,
+        "sample_every": 0,
+        "checkpoint_every": 0,
+    }
     export = train(_config(pairs_dir, tmp_path / "straight", steps=10, **common))
     with (tmp_path / "straight" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))[1:]
@@ -431,10 +453,38 @@ def test_learning_rate_schedule_and_cli_parsing() -> None:
     assert get_lr(999, config) == pytest.approx(1e-4, rel=1e-3)
     assert get_lr(5000, config) == pytest.approx(1e-4)
 
-    parsed = config_from_args(["--data", "d", "--arch", "esa-cyclegan", "--out", "o", "--steps", "7",
-                               "--batch-size", "3", "--lr", "0.01", "--resolution", "64", "--init", "r",
-                               "--seed", "5", "--resume", "--channel-mults", "1,2"])
-    assert (parsed.arch, parsed.steps, parsed.batch_size, parsed.lr, parsed.resolution) == ("esa-cyclegan", 7, 3, 0.01, 64)
+    parsed = config_from_args(
+        [
+            "--data",
+            "d",
+            "--arch",
+            "esa-cyclegan",
+            "--out",
+            "o",
+            "--steps",
+            "7",
+            "--batch-size",
+            "3",
+            "--lr",
+            "0.01",
+            "--resolution",
+            "64",
+            "--init",
+            "r",
+            "--seed",
+            "5",
+            "--resume",
+            "--channel-mults",
+            "1,2",
+        ]
+    )
+    assert (parsed.arch, parsed.steps, parsed.batch_size, parsed.lr, parsed.resolution) == (
+        "esa-cyclegan",
+        7,
+        3,
+        0.01,
+        64,
+    )
     assert (parsed.init, parsed.seed, parsed.resume, parsed.channel_mults) == ("r", 5, True, (1, 2))
     assert TrainConfig(data="d", out="o", arch="cyclegan").resolved().lr == 2e-4
     assert TrainConfig(data="d", out="o", lpips_weights="w.pth").resolved().perceptual == "lpips"

@@ -1,7 +1,72 @@
-"""The Celery app workers run (``celery -A worker.app worker`` works too; ``refinery worker``
-adds the right pool and loads the models before consuming)."""
+"""The Celery app of one worker process, built from the settings it is given.
 
+Tasks are thin: they take a job id and hand it to the ``JobRunner``. Every model task
+runs the same lifecycle; the task names only route jobs (``shared/routing.py``). A
+callbacks worker has no runner and never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from celery import Celery, Task
+from celery.signals import worker_ready, worker_shutdown
+
+from shared import keys
 from shared.broker import make_celery
-from shared.settings import get_settings
+from shared.callbacks import CallbackFailed
+from shared.routing import ROUTES
+from shared.settings import Settings
+from shared.store import JobStore
+from worker import metrics
 
-app = make_celery(get_settings(), include=["worker.tasks"])
+if TYPE_CHECKING:
+    from worker.lifecycle import JobRunner
+
+logger = logging.getLogger(__name__)
+
+
+def make_app(settings: Settings, runner: JobRunner | None = None) -> Celery:
+    """The callbacks task always; the model tasks when given the runner that serves them."""
+    app = make_celery(settings)
+    store = JobStore.from_settings(settings)
+
+    if runner is not None:
+
+        def run_job(task: Task, job_id: str) -> None:
+            retry_in = runner.run(job_id)
+            if retry_in is not None:
+                # A new message for the same job, due later; this one is acknowledged.
+                raise task.retry(countdown=retry_in)
+
+        # Registered under each kind's task name: foreign producers send by those names.
+        for route in ROUTES.values():
+            app.task(name=route.task, bind=True, max_retries=None)(run_job)
+
+    @app.task(name=keys.TASK_CALLBACK, bind=True, max_retries=None)
+    def deliver_callback(task: Task, job_id: str, event: str) -> None:
+        from worker.notify import deliver_job_callback
+
+        try:
+            deliver_job_callback(settings, store, job_id, event)
+        except CallbackFailed as exc:
+            if task.request.retries >= settings.callback_max_retries:
+                logger.warning("job %s: callback abandoned after %d attempts: %s", job_id, task.request.retries + 1, exc)
+                return
+            # Exponential backoff, capped; the job's own state is already final.
+            countdown = min(settings.callback_backoff_max_s, 2**task.request.retries)
+            raise task.retry(countdown=countdown, exc=exc) from None
+
+    def announce(sender: object, **_: object) -> None:
+        """Publish what this worker serves (preset, device, dtype, refiner) for status tools."""
+        info = runner.registry.describe() if runner is not None else {"role": "callbacks"}
+        metrics.set_worker_info(info)
+        store.register_worker(sender.hostname, info)
+
+    def retire(sender: object, **_: object) -> None:
+        store.unregister_worker(sender.hostname)
+
+    worker_ready.connect(announce, weak=False)
+    worker_shutdown.connect(retire, weak=False)
+    return app

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from datetime import timedelta
 
@@ -54,8 +55,8 @@ class LeaseKeeper:
         return left if left > 0 else None
 
     def _renew_forever(self, every_s: float) -> None:
-        stop = threading.Event()
-        while not stop.wait(every_s):
+        while True:
+            time.sleep(every_s)
             with self._lock:
                 held = list(self._held)
             for job_id in held:

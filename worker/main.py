@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 
 from celery.utils.nodenames import host_format
 
+from shared.broker import make_celery
 from shared.errors import InvalidInput
+from shared.routing import kinds_served, model_queues, send_callback
 from shared.settings import Settings
 
 
@@ -16,32 +19,35 @@ def run_worker(settings: Settings, queues: list[str], *, loglevel: str = "INFO",
     I/O (S3, Redis, encoding) and hands its model work to the one batcher thread
     (worker/batcher.py). The callbacks queue runs in a worker process of its own, so slow
     receivers never wait on (or hold up) the GPU."""
-    model_queues = [q for q in queues if q in settings.model_queues]
-    if model_queues and settings.queue_callbacks in queues:
+    served = [q for q in queues if q in model_queues(settings)]
+    if served and settings.queue_callbacks in queues:
         raise InvalidInput("run the callbacks queue in a worker of its own", field="queues")
-    unknown = set(queues) - {*settings.model_queues, settings.queue_callbacks}
+    unknown = set(queues) - {*model_queues(settings), settings.queue_callbacks}
     if unknown:
         raise InvalidInput(f"unknown queue(s) {sorted(unknown)}", field="queues")
     # Expanded here (%h -> this host), so job records name the worker as Celery does.
     hostname = host_format(name or f"{'+'.join(queues)}-{os.getpid()}@%h")
 
-    from worker import metrics, tasks
-    from worker.app import app
+    from worker import metrics
+    from worker.app import make_app
 
     metrics.start_metrics_server(settings.metrics_port)
-    if model_queues:
-        tasks.configure_runner(
-            settings, hostname, generator=settings.queue_generate in queues, teacher=settings.queue_pairs in queues
+    runner = None
+    if served:
+        from worker.lifecycle import build_runner
+
+        # Callbacks are sent with a producer's app: the worker's own is built around the runner.
+        sender = make_celery(settings)
+        runner = build_runner(
+            settings, hostname, kinds_served(settings, queues), notify=partial(send_callback, sender)
         )
-        concurrency = settings.worker_concurrency
-    else:
-        concurrency = settings.callback_concurrency
+    app = make_app(settings, runner)
     app.worker_main(
         [
             "worker",
             f"--queues={','.join(queues)}",
             "--pool=threads",
-            f"--concurrency={concurrency}",
+            f"--concurrency={settings.worker_concurrency if served else settings.callback_concurrency}",
             f"--hostname={hostname}",
             f"--loglevel={loglevel}",
             # Mingle and gossip sync state between workers at start; jobs need neither.

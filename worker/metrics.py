@@ -68,11 +68,11 @@ def stop_metrics_server() -> None:
             _server = None
 
 
-def observe_job(record: JobRecord, batch_size: int | None = None) -> None:
+def observe_job(record: JobRecord) -> None:
     """Record one finished job: its terminal state, queue wait, stage timings and batch size.
 
     Call it once, after the record's final write; records that are not terminal are ignored
-    so a job is never counted twice. ``batch_size`` defaults to the record's own, else 1.
+    so a job is never counted twice.
     """
     if not record.state.terminal:
         return
@@ -87,7 +87,7 @@ def observe_job(record: JobRecord, batch_size: int | None = None) -> None:
             STAGE_SECONDS.labels(kind=kind, stage=stage).observe(timings[stage] / 1000)
     if "total" in timings:
         JOB_SECONDS.labels(kind=kind).observe(timings["total"] / 1000)
-    BATCH_SIZE.labels(kind=kind).observe(batch_size or record.batch_size or 1)
+    BATCH_SIZE.labels(kind=kind).observe(record.batch_size or 1)
     update_gpu_memory()
 
 

@@ -1,4 +1,5 @@
-"""The model registry: load FLUX pipelines by preset and generate seeded batches.
+"""FLUX pipelines: load them by preset (the real hub path and the offline doubles) and
+generate seeded batches.
 
 Every preset, tiny test doubles included, goes through ``FluxPipeline.from_pretrained``,
 so tests exercise the loading path production uses.
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxPipeline
 
-from worker.presets import Preset
+from shared.presets import Preset
 from worker.tiny_flux import ensure_tiny_pipeline_saved
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

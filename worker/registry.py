@@ -16,7 +16,7 @@ from diffusers import FluxPipeline
 from refiner import Refiner, load_refiner
 from shared.settings import Settings
 from worker.models import load_pipeline, make_batch_invariant, resolve_device, resolve_dtype, warm_up
-from worker.presets import Preset, get_preset
+from shared.presets import Preset, get_preset
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +78,12 @@ class ModelRegistry:
             return torch.cat([self.refiner(image) for image in images.split(1)])
         return self.refiner(images)
 
-    def warm_up(self, *, generator: bool, teacher: bool = False) -> None:
-        """Load (and run once) what this worker's queues need, before it consumes."""
-        if generator or teacher:
-            warm_up(self.pipeline, self.preset)
-        if teacher:
-            warm_up(self.teacher, self.teacher_preset)
+    def warm_up(self, pipelines: set[str]) -> None:
+        """Load (and run once) the pipelines this worker's job kinds use ("pipeline",
+        "teacher") and the refiner, before it consumes."""
+        for name, preset in (("pipeline", self.preset), ("teacher", self.teacher_preset)):
+            if name in pipelines:
+                warm_up(getattr(self, name), preset)
         side = self.preset.min_size
         self.refine(torch.zeros(1, 3, side, side))
 

@@ -2,14 +2,28 @@
 
 No model hub is reachable here, so tests and the demo run the real diffusers
 ``FluxPipeline`` code path on pipelines built from tiny configs with seeded random weights.
-They are structured like the real pair: one VAE, CLIP + T5 text encoders and tokenizers
-shared by both, and separate transformers (dev's with guidance embeddings), so the
-student/teacher difference comes from the transformer alone, as it does for the real pair.
-Their images are random-weight noise patterns, not portraits.
+Their images are random-weight texture patterns, not portraits.
+
+They are built to differ the way FLUX.1-schnell differs from FLUX.1-dev: for the same
+prompt and seed the student gives a closely related picture with its fine detail smoothed
+away. Random weights cannot be distilled, so the double gets there by construction:
+- ``tiny-dev`` (the teacher): its own transformer with guidance embeddings, run at 28 steps
+  with guidance 3.5; CLIP + T5 text encoders, tokenizers and a VAE like FLUX's.
+- ``tiny-schnell`` (the student): the teacher's transformer with guidance 3.5 folded into
+  its timestep embedding (as a guidance-distilled model has it built in), so it runs
+  without guidance, at 4 steps; the same text encoders and tokenizers; and the teacher's
+  VAE with one change the real pair lacks: its decoder's last convolution also applies a
+  fixed 3x3 Gaussian low-pass (``STUDENT_BLUR_SIGMA`` px). That blur is the detail the
+  student loses; the step count and scheduler change the rest a little.
+The low-pass is folded into weights the config already has: the shared decoder's output
+convolution only uses its kernel's centre tap (a per-pixel projection), so the student's
+copy can hold that projection times the Gaussian in the same 3x3 kernel, with no new module
+or config key. ``benchmarks/doubles.py`` measures what this gives.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -25,6 +39,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast,
 # Fixed seeds: building twice (in any process, same library versions) gives identical weights.
 SHARED_SEED = 1234
 
+# Bump whenever a change here changes the doubles' weights or images: the model cache keys
+# its directories by it, so a cache built by an older version is never silently reused.
+BUILD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -38,7 +55,6 @@ class TransformerSpec:
 
 
 TRANSFORMERS = {
-    "tiny-schnell": TransformerSpec(seed=2001, guidance_embeds=False),
     "tiny-dev": TransformerSpec(seed=2002, guidance_embeds=True),
     # For benchmarks: a schnell-like transformer large enough that one 256x256 image costs
     # a few hundred ms on a 2-core CPU, the regime where real jobs (seconds each) live.
@@ -46,6 +62,22 @@ TRANSFORMERS = {
         seed=2003, guidance_embeds=False, num_layers=3, num_single_layers=6, num_attention_heads=4, attention_head_dim=64
     ),
 }
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """A student double derived from a teacher double (see the module docstring)."""
+
+    teacher: str  # whose transformer weights it runs
+    baked_guidance: float  # the guidance scale folded into its timestep embedding
+    blur_sigma: float  # px: the fixed Gaussian low-pass in its VAE decoder's last convolution
+
+
+# The mildest loss whose FID gap clears 5x the sampling floor with margin at 512 images a
+# side (benchmarks/doubles.py sweeps sigma; the 3x3 kernel caps the loss near sigma 1).
+STUDENT_BLUR_SIGMA = 0.8
+STUDENTS = {"tiny-schnell": StudentSpec(teacher="tiny-dev", baked_guidance=3.5, blur_sigma=STUDENT_BLUR_SIGMA)}
+TINY_PRESETS = sorted({*TRANSFORMERS, *STUDENTS})
 
 HIDDEN = 32  # CLIP hidden size = T5 d_model = the transformer's text dims
 LATENT_CHANNELS = 16  # as real FLUX's VAE
@@ -144,6 +176,14 @@ def _shared_components() -> dict:
         scaling_factor=0.3611,
         shift_factor=0.1159,
     )
+    # The decoder's output convolution as a per-pixel projection: only its 3x3 kernel's
+    # centre tap is used (x3 keeps the output's scale of nine random taps). The earlier
+    # convolutions still make the texture; this leaves room for the student's low-pass.
+    with torch.no_grad():
+        weight = vae.decoder.conv_out.weight  # (3, C, 3, 3)
+        centre = weight[:, :, 1, 1] * 3
+        weight.zero_()
+        weight[:, :, 1, 1] = centre
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),
@@ -200,9 +240,52 @@ def _transformer(spec: TransformerSpec) -> FluxTransformer2DModel:
     )
 
 
-def _scheduler(name: str) -> FlowMatchEulerDiscreteScheduler:
+def _gaussian_3x3(sigma: float) -> torch.Tensor:
+    """A normalised 3x3 Gaussian kernel, (3, 3)."""
+    taps = torch.exp(-torch.tensor([1.0, 0.0, 1.0]) / (2 * sigma**2))
+    kernel = torch.outer(taps, taps)
+    return kernel / kernel.sum()
+
+
+def low_passed(vae: AutoencoderKL, sigma: float) -> AutoencoderKL:
+    """A copy of ``vae`` whose decoder output is Gaussian-blurred (3x3, ``sigma`` px).
+
+    The shared decoder's output convolution uses only its centre tap, a projection P per
+    pixel; P times the kernel in the same 3x3 weights computes blur(P x) + bias exactly
+    (zero padding at the borders). Same config, same modules: only those weights differ.
+    """
+    student = copy.deepcopy(vae)
+    with torch.no_grad():
+        weight = student.decoder.conv_out.weight  # (3, C, 3, 3)
+        assert torch.count_nonzero(weight[:, :, [0, 0, 2, 2], [0, 2, 0, 2]]) == 0, "shared conv_out must be centre-only"
+        weight.copy_(weight[:, :, 1:2, 1:2] * _gaussian_3x3(sigma).to(weight))
+    return student
+
+
+def _without_guidance(teacher: FluxTransformer2DModel, guidance: float) -> FluxTransformer2DModel:
+    """The teacher's transformer as a schnell-like one: no guidance embedder, with the
+    embedding of ``guidance`` added to the timestep embedder's output bias instead.
+
+    The teacher's conditioning is timestep_emb(t) + guidance_emb(g) + text_emb, so for
+    g = ``guidance`` the student's is the same vector (up to float rounding), with no
+    guidance input: guidance built in, as distillation builds it into schnell.
+    """
+    config = {**teacher.config, "guidance_embeds": False}
+    student = _seeded(0, lambda: FluxTransformer2DModel.from_config(config))  # weights replaced below
+    embed = teacher.time_text_embed
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("time_text_embed.guidance_embedder.")}
+    with torch.no_grad():
+        # The transformer scales guidance by 1000 before embedding it, as it does timesteps.
+        guidance_emb = embed.guidance_embedder(embed.time_proj(torch.tensor([guidance * 1000.0])))[0]
+        bias = "time_text_embed.timestep_embedder.linear_2.bias"
+        state[bias] = state[bias] + guidance_emb
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def _scheduler(schnell_like: bool) -> FlowMatchEulerDiscreteScheduler:
     # The real checkpoints' scheduler configs: schnell a fixed shift, dev resolution-dependent.
-    if not TRANSFORMERS[name].guidance_embeds:
+    if schnell_like:
         return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     return FlowMatchEulerDiscreteScheduler(
         shift=3.0,
@@ -228,13 +311,21 @@ def _seeded(seed: int, build):
 
 
 def build_tiny_pipeline(name: str) -> FluxPipeline:
-    """Build ``tiny-schnell`` or ``tiny-dev`` in memory, identically on every call."""
-    if name not in TRANSFORMERS:
-        raise ValueError(f"not a tiny preset: {name!r} (expected one of {sorted(TRANSFORMERS)})")
-    shared = _seeded(SHARED_SEED, _shared_components)
-    spec = TRANSFORMERS[name]
-    transformer = _seeded(spec.seed, lambda: _transformer(spec))
-    pipe = FluxPipeline(scheduler=_scheduler(name), transformer=transformer, **shared)
+    """Build ``tiny-schnell``, ``tiny-dev`` or ``bench-schnell`` in memory, identically on every call."""
+    if name not in TINY_PRESETS:
+        raise ValueError(f"not a tiny preset: {name!r} (expected one of {TINY_PRESETS})")
+    components = _seeded(SHARED_SEED, _shared_components)
+    if name in STUDENTS:
+        student = STUDENTS[name]
+        spec = TRANSFORMERS[student.teacher]
+        teacher = _seeded(spec.seed, lambda: _transformer(spec))
+        transformer = _without_guidance(teacher, student.baked_guidance)
+        components["vae"] = low_passed(components["vae"], student.blur_sigma)
+    else:
+        spec = TRANSFORMERS[name]
+        transformer = _seeded(spec.seed, lambda: _transformer(spec))
+    scheduler = _scheduler(schnell_like=not transformer.config.guidance_embeds)
+    pipe = FluxPipeline(scheduler=scheduler, transformer=transformer, **components)
     # Built from configs, modules start in training mode: T5's dropout would make
     # the same seed give different images.
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
@@ -243,13 +334,14 @@ def build_tiny_pipeline(name: str) -> FluxPipeline:
 
 
 def ensure_tiny_pipeline_saved(name: str, cache_dir: Path) -> Path:
-    """Save the tiny pipeline ``name`` under ``cache_dir / name`` once; return that path.
+    """Save the tiny pipeline ``name`` under ``cache_dir`` once; return its directory.
 
-    Written into a temporary directory beside the target and renamed into place, so a
-    process racing this one sees either no directory or a complete one. An existing
-    directory is trusted as is: delete it after changing the configs in this module.
+    The directory is ``{name}-v{BUILD_VERSION}``: a cache written by an older build of this
+    module sits under another name and is left alone, never loaded. Written into a
+    temporary directory beside the target and renamed into place, so a process racing this
+    one sees either no directory or a complete one. An existing directory is trusted as is.
     """
-    target = Path(cache_dir) / name
+    target = Path(cache_dir) / f"{name}-v{BUILD_VERSION}"
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

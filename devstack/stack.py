@@ -108,7 +108,7 @@ class LocalStack:
 
     def refinery(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
         """Run the ``refinery`` command against this stack; its output is captured as text."""
-        argv = [sys.executable, "-m", "producer", *map(str, args)]
+        argv = [sys.executable, "-m", "cli", *map(str, args)]
         return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout_s)
 
     def start_redis(self) -> None:
@@ -138,7 +138,7 @@ class LocalStack:
         and return once it announced itself ready."""
         queues = queues or [self.settings.queue_generate, self.settings.queue_refine]
         hostname = f"{name}@localstack"
-        argv = [sys.executable, "-m", "producer", "worker", f"--queues={','.join(queues)}", f"--name={hostname}"]
+        argv = [sys.executable, "-m", "cli", "worker", f"--queues={','.join(queues)}", f"--name={hostname}"]
         process = self.spawn(name, argv, {"REFINERY_METRICS_PORT": str(metrics_port), **(env or {})})
         store = JobStore.from_settings(self.settings)
         wait_until(

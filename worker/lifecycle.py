@@ -1,66 +1,33 @@
-"""Running one job: claim the record, run the models, encode, upload, finish the record.
+"""A job's lifecycle, the same for every kind: claim the record, let the kind's handler
+prepare it, run it in a batch, publish it, finish the record; or requeue it, fail it,
+dead-letter it, or let it go when it was cancelled meanwhile.
 
 No Celery here: tasks call ``JobRunner.run(job_id)``; everything the runner touches
-(models, Redis, S3) comes in through its constructor.
+(handlers, Redis, S3) comes in through its constructor. No per-kind code either: that is
+in ``worker/jobs/``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-from PIL import Image
 from pydantic import ValidationError
 
-from shared.datasets import pair_uris
-from shared.errors import InvalidInput, RefineryError
-from shared.images import (
-    ALGORITHMICALLY_ENHANCED,
-    CONTENT_TYPES,
-    EXTENSIONS,
-    TRAINED_ALGORITHMIC_MEDIA,
-    Provenance,
-    decode_image,
-    encode_image,
-)
-from shared.jobs import (
-    GenerateSpec,
-    JobError,
-    JobRecord,
-    JobResult,
-    JobState,
-    OutputFormat,
-    PairSpec,
-    RefineSpec,
-    parse_s3_uri,
-    utcnow,
-)
+from shared.errors import RefineryError
+from shared.jobs import JobError, JobKind, JobRecord, JobResult, JobState, utcnow
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore
 from worker import metrics
 from worker.batcher import DynamicBatcher
-from worker.batches import GenerateItem, GenerateKey, ModelOutput, PairKey, PairOutput, RefineKey
+from worker.jobs import Handlers
 from worker.leases import LeaseKeeper
 from worker.registry import ModelRegistry
 from worker.timing import StageTimer
 
 logger = logging.getLogger(__name__)
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) float in [0, 1] -> RGB image."""
-    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
-    return Image.fromarray(pixels.numpy(), "RGB")
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB image -> (1, 3, H, W) float in [0, 1]."""
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return pixels.view(image.height, image.width, 3).permute(2, 0, 1).unsqueeze(0).float() / 255
 
 
 # Failures of the system rather than of the caller's input: an operator should look.
@@ -87,6 +54,7 @@ class JobRunner:
         self,
         settings: Settings,
         registry: ModelRegistry,
+        handlers: Handlers,
         batcher: DynamicBatcher,
         leases: LeaseKeeper,
         store: JobStore,
@@ -96,6 +64,7 @@ class JobRunner:
     ) -> None:
         self.settings = settings
         self.registry = registry
+        self.handlers = handlers
         self.batcher = batcher
         self.leases = leases
         self.store = store
@@ -200,118 +169,16 @@ class JobRunner:
         self._notify(record)
 
     def _process(self, record: JobRecord, timer: StageTimer) -> Outcome:
-        spec = record.spec
-        if isinstance(spec, PairSpec):
-            return self._process_pair(record, spec, timer)
-        if isinstance(spec, GenerateSpec):
-            preset = self.registry.preset
-            steps = spec.steps or preset.steps
-            guidance = preset.guidance if spec.guidance is None else spec.guidance
-            key = GenerateKey(spec.width, spec.height, steps, guidance)
-            item = GenerateItem(spec.prompt, record.seed, spec.refine)
-            keep_raw, source_type = spec.keep_raw, TRAINED_ALGORITHMIC_MEDIA
-        else:
-            image = self._load_input(spec, timer)  # (3, H, W)
-            key, item = RefineKey(image.shape[-1], image.shape[-2]), image
-            keep_raw, source_type = False, ALGORITHMICALLY_ENHANCED
+        handler = self.handlers.serving(record.kind)
+        key, item = handler.prepare(record, timer)
         # Blocks this job's thread until its batch has run on the model thread.
-        batched = self.batcher.submit(key, item, priority=spec.priority.rank)
-        output: ModelOutput = batched.result
+        batched = self.batcher.submit(key, item, priority=record.spec.priority.rank)
         timer.ms["batch_wait"] = round(batched.waited_s * 1000, 3)
-        timer.ms.update(output.timings_ms)
-
-        refiner = self.registry.refiner.version if output.refined is not None else None
-        provenance = Provenance(
-            job_id=record.job_id,
-            generator=self.registry.preset.name if isinstance(spec, GenerateSpec) else None,
-            refiner=refiner or "none",
-            seed=record.seed,
-            digital_source_type=source_type,
-        )
-        fmt = spec.output_format
-        final = output.refined if output.refined is not None else output.raw
-        with timer("encode"):
-            encoded = {"refined" if refiner else "image": encode_image(to_pil(final), fmt, provenance)}
-            if keep_raw and refiner:
-                encoded["raw"] = encode_image(to_pil(output.raw), fmt, provenance)
-        outcome = Outcome(None, refiner, batched.batch_size)
+        timer.ms.update(batched.result.timings_ms)
         if self.store.get(record.job_id).state is JobState.cancelled:
-            return outcome  # cancelled while running: publish nothing
-
-        with timer("upload"):
-            uris = {
-                name: self.storage.put(self.storage.job_uri(record.job_id, f"{name}.{EXTENSIONS[fmt]}"), data, CONTENT_TYPES[fmt])
-                for name, data in encoded.items()
-            }
-        main_uri = uris.get("refined") or uris["image"]
-        outcome.result = JobResult(
-            uri=main_uri,
-            url=self.storage.presign(main_uri),
-            raw_uri=uris.get("raw"),
-            raw_url=self.storage.presign(uris["raw"]) if "raw" in uris else None,
-            width=final.shape[-1],
-            height=final.shape[-2],
-            format=fmt,
-        )
-        return outcome
-
-    def _process_pair(self, record: JobRecord, spec: PairSpec, timer: StageTimer) -> Outcome:
-        """Student and teacher images for one prompt and seed, then the manifest row."""
-        served = {"student": self.registry.preset.name, "teacher": self.registry.teacher_preset.name}
-        for role, preset in served.items():
-            if getattr(spec, role) != preset:
-                raise InvalidInput(f"this worker serves {preset!r}, not {getattr(spec, role)!r}", field=role)
-        if parse_s3_uri(spec.dataset + "/x")[0] != self.settings.s3_bucket:
-            raise InvalidInput(f"datasets are written to the bucket {self.settings.s3_bucket!r} only", field="dataset")
-
-        batched = self.batcher.submit(PairKey(spec.width, spec.height), GenerateItem(spec.prompt, spec.seed, False), spec.priority.rank)
-        output: PairOutput = batched.result
-        timer.ms["batch_wait"] = round(batched.waited_s * 1000, 3)
-        timer.ms.update(output.timings_ms)
-        with timer("encode"):
-            encoded = {
-                role: encode_image(
-                    to_pil(getattr(output, role)),
-                    OutputFormat.png,
-                    Provenance(record.job_id, preset, "none", spec.seed, TRAINED_ALGORITHMIC_MEDIA),
-                )
-                for role, preset in served.items()
-            }
-        outcome = Outcome(None, None, batched.batch_size)
-        if self.store.get(record.job_id).state is JobState.cancelled:
-            return outcome
-
-        uris = pair_uris(spec.dataset, spec.pair_id)
-        row = {
-            "pair_id": spec.pair_id,
-            "prompt": spec.prompt,
-            "attributes": spec.attributes,
-            "seed": spec.seed,
-            "width": spec.width,
-            "height": spec.height,
-            **{role: self._preset_row(role) for role in served},
-            # Per image: the batch's time shared by its images (what a pair costs).
-            "timings_ms": {role: round(output.timings_ms[role] / batched.batch_size, 3) for role in served},
-            "batch_size": batched.batch_size,
-            "job_id": record.job_id,
-        }
-        with timer("upload"):
-            for role in served:
-                self.storage.put(uris[role], encoded[role], CONTENT_TYPES[OutputFormat.png])
-            # Last: a manifest row means a complete pair (what resuming relies on).
-            self.storage.put(uris["manifest"], json.dumps(row).encode(), "application/json")
-        outcome.result = JobResult(uri=uris["manifest"], width=spec.width, height=spec.height, format=OutputFormat.png, files=uris)
-        return outcome
-
-    def _preset_row(self, role: str) -> dict:
-        preset = self.registry.preset if role == "student" else self.registry.teacher_preset
-        return {"preset": preset.name, "steps": preset.steps, "guidance": preset.guidance}
-
-    def _load_input(self, spec: RefineSpec, timer: StageTimer) -> torch.Tensor:
-        with timer("load_input"):
-            data = self.storage.get(spec.input_uri, max_bytes=self.settings.max_input_bytes)
-            image = decode_image(data, max_bytes=self.settings.max_input_bytes, max_pixels=self.settings.max_input_pixels)
-        return to_tensor(image)[0]
+            return Outcome(None, None, batched.batch_size)  # cancelled while running: publish nothing
+        published = handler.publish(record, batched.result, timer)
+        return Outcome(published.result, published.refiner, batched.batch_size)
 
     def _finish(
         self,
@@ -334,7 +201,7 @@ class JobRunner:
             record.finished_at = utcnow()
             record.lease_owner = record.lease_expires_at = None
             record.error = error
-            record.generator = self.registry.preset.name if record.kind == "generate_and_refine" else None
+            record.generator = handler.generator if (handler := self.handlers.by_kind.get(record.kind)) else None
             if outcome is not None:
                 record.result, record.refiner, record.batch_size = outcome.result, outcome.refiner, outcome.batch_size
             timer.ms["total"] = round((record.finished_at - record.created_at).total_seconds() * 1000, 3)
@@ -362,3 +229,19 @@ class JobRunner:
 
         self.store.update(job_id, let_go)
         logger.info("job %s: cancelled while running; nothing published", job_id)
+
+
+def build_runner(settings: Settings, worker_name: str, kinds: list[JobKind], notify: Callable[[str, str], None]) -> JobRunner:
+    """Load and warm the models these job kinds need, before the worker consumes."""
+    registry = ModelRegistry(settings)
+    storage = Storage(settings)
+    handlers = Handlers(kinds, registry, storage, settings)
+    registry.warm_up(handlers.pipelines)
+    batcher = DynamicBatcher(
+        handlers.run_batch,
+        max_batch=lambda key: settings.max_batch_for(key.width, key.height),
+        max_wait_s=settings.max_wait_ms / 1000,
+    )
+    store = JobStore.from_settings(settings)
+    leases = LeaseKeeper(store, settings.lease_s, worker_name)
+    return JobRunner(settings, registry, handlers, batcher, leases, store, storage, notify, worker_name)

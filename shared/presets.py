@@ -1,17 +1,21 @@
-"""Model presets: which FLUX pipeline a worker loads and how it samples by default."""
+"""Model presets: which FLUX pipeline a worker loads, how it samples by default, and the
+smallest image it makes. Producers check sizes against the same table before submitting;
+workers check against the preset they have loaded."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from shared.errors import InvalidInput
-from shared.jobs import MIN_SIZE, MIN_SIZE_TINY
+
+MIN_SIZE = 256  # real FLUX presets
+MIN_SIZE_TINY = 32  # the offline doubles, for tests and the demo
 
 
 @dataclass(frozen=True)
 class Preset:
     name: str
-    # Hub id or local path for FluxPipeline.from_pretrained; None for the tiny presets,
+    # Hub id or local path for FluxPipeline.from_pretrained; None for the offline doubles,
     # which are built locally by worker.tiny_flux and never fetched.
     model_id: str | None
     steps: int
@@ -19,8 +23,13 @@ class Preset:
     tiny: bool
     # T5 tokens per prompt: schnell was distilled with 256, dev uses 512.
     max_sequence_length: int
-    # Smallest width/height the preset is used at (the job contract's limits).
+    # Smallest width/height the preset is used at.
     min_size: int
+
+    def check_size(self, width: int, height: int) -> None:
+        for field, value in (("width", width), ("height", height)):
+            if value < self.min_size:
+                raise InvalidInput(f"must be at least {self.min_size} for preset {self.name!r}", field=field)
 
 
 PRESETS: dict[str, Preset] = {
@@ -38,11 +47,12 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
+# The job contract's lower bound: no preset goes below it.
+SMALLEST_SIZE = min(preset.min_size for preset in PRESETS.values())
+
 
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise InvalidInput(
-            f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}", field="preset"
-        ) from None
+        raise InvalidInput(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}", field="preset") from None

@@ -1,24 +1,38 @@
-"""Loading a trained refiner and running it at inference."""
+"""A trained refiner on disk: its file names, its card, and loading it for inference.
+
+    <dir>/config.json                          RefinerUNet's config (diffusers)
+    <dir>/diffusion_pytorch_model.safetensors  its weights
+    <dir>/refiner.json                         the card: architecture, training data, metrics
+
+Training writes the directory (`export_refiner`); evaluation reads the card (`read_card`) to
+score on the split training held out; the worker serves the weights (`load_refiner`).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import platform
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from refiner.network import RefinerUNet
+from refiner.networks import RefinerUNet, count_parameters
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CARD_NAME = "refiner.json"
+IDENTITY = "identity"  # the version of the untrained refiner, which returns its input
 
 
 @dataclass
 class Refiner:
     """A refiner network in eval mode, with the version that produced its weights.
 
-    `version` is `"identity"` for the untrained network, else `"<dir name>@<sha256[:12]>"` of
+    `version` is `IDENTITY` for the untrained network, else `"<dir name>@<sha256[:12]>"` of
     the weights file, so a result can be traced back to the exact weights that made it.
     """
 
@@ -51,7 +65,7 @@ def load_refiner(
     if path is None:
         # `.type` casts like `.to(dtype=...)`, minus diffusers' warning about fp32-only modules
         # that it prints on every dtype cast, even for a model that has none.
-        network, version = RefinerUNet().type(dtype), "identity"
+        network, version = RefinerUNet().type(dtype), IDENTITY
     else:
         path = Path(path)
         missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (path / name).is_file()]
@@ -60,11 +74,32 @@ def load_refiner(
                 f"no refiner weights at {path}: missing {', '.join(missing)} "
                 "(expected a directory written by RefinerUNet.save_pretrained)"
             )
-        network = RefinerUNet.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, local_files_only=True
-        )
+        network = RefinerUNet.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
         with (path / WEIGHTS_NAME).open("rb") as weights:
             digest = hashlib.file_digest(weights, "sha256").hexdigest()
         version = f"{path.resolve().name}@{digest[:12]}"
     network = network.to(device).eval()
     return Refiner(network=network, version=version)
+
+
+def export_refiner(directory: Path, network: RefinerUNet, architecture: str, details: dict[str, Any]) -> None:
+    """Save `network` to `directory` with its card: the architecture and network, then
+    `details` (what training knows: data, config, metrics...), then the software it ran on."""
+    network.save_pretrained(directory)
+    card = {
+        "architecture": architecture,
+        "network": type(network).__name__,
+        "network_config": {k: v for k, v in network.config.items() if not k.startswith("_")},
+        "parameters": count_parameters(network),
+        **details,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (directory / CARD_NAME).write_text(json.dumps(card, indent=2))
+
+
+def read_card(directory: str | Path | None) -> dict[str, Any]:
+    """The card of the refiner in `directory`; `{}` for the identity or a directory without one."""
+    path = Path(directory) / CARD_NAME if directory is not None else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}

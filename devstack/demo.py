@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from devstack.stack import LocalStack
 from producer.client import Client, JobHandle
-from producer.local_stack import LocalStack
 from shared.jobs import JobRecord
 
 PROMPTS = [

@@ -1,0 +1,53 @@
+"""The ``refinery`` command line: jobs and pair datasets through the producer, workers,
+refiner training and evaluation, and the local demo.
+
+With ``--json`` a job command prints exactly one JSON object, the job record. Errors go to
+stderr as ``error [code] field: message`` with exit status 2 (3 for a wait that timed out).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from cli import demo, jobs, pairs, refiner, worker
+from cli.common import EXIT_ERROR
+from shared.errors import RefineryError
+
+
+class _Errors(click.Group):
+    """Turns typed errors into one clear line and an exit status instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RefineryError as exc:
+            field = f" {exc.field}:" if exc.field else ""
+            click.echo(f"error [{exc.code}]{field} {exc.message}", err=True)
+            sys.exit(EXIT_ERROR)
+
+
+@click.group(cls=_Errors)
+def refinery() -> None:
+    """face-refinery: FLUX.1-schnell portraits plus a lightweight refiner, served over Redis and S3."""
+
+
+for command in (
+    jobs.submit,
+    jobs.status,
+    jobs.wait,
+    jobs.cancel,
+    jobs.dead_letters,
+    pairs.pairs,
+    refiner.train,
+    refiner.evaluate,
+    worker.worker,
+    demo.demo,
+):
+    refinery.add_command(command)
+
+
+def main() -> None:
+    refinery()

@@ -1,0 +1,64 @@
+"""Refiner commands: train and eval, with an s3:// dataset mirrored to a local directory
+first (the ML side reads local directories only). Every other option passes through to
+the argparse interfaces of `refiner.train` and `refiner.evaluate`, `--help` included."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import click
+
+from cli.common import console, make_client
+
+_PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+
+
+def mirror_dataset(uri: str) -> Path:
+    """A local copy of the pair dataset at ``uri``; pairs mirrored before are not fetched again."""
+    from producer import pairs as datasets
+
+    client = make_client()
+    dataset = uri.rstrip("/")
+    local = client.settings.model_cache_dir / "datasets" / hashlib.sha1(dataset.encode()).hexdigest()[:16]
+    fetched = datasets.mirror(client, datasets.Target(dataset, local))
+    console.print(f"{dataset}: {fetched} new pairs mirrored into {local}")
+    return local
+
+
+def _local_data(ctx: click.Context, param: click.Parameter, data: str | None) -> str | None:
+    if data is None or not data.startswith("s3://"):
+        return data
+    return str(mirror_dataset(data))
+
+
+_data_option = click.option("--data", callback=_local_data, help="s3://bucket/prefix or a local dataset directory.")
+
+
+def refiner_argv(ctx: click.Context) -> list[str]:
+    """The argv for the refiner's own parser: the local ``--data``, then everything else as given."""
+    data = ctx.params["data"]
+    return ctx.args if data is None else ["--data", data, *ctx.args]
+
+
+@click.command(context_settings=_PASS_THROUGH)
+@_data_option
+@click.pass_context
+def train(ctx: click.Context, data: str | None) -> None:
+    """Train a refiner: --data s3://...|DIR --arch unet-cbam|cyclegan|esa-cyclegan --out DIR [...]
+    (all options: refinery train --help). Runs under `accelerate launch` too."""
+    from refiner.train import main as train_main
+
+    sys.exit(train_main(refiner_argv(ctx)))
+
+
+@click.command("eval", context_settings=_PASS_THROUGH)
+@_data_option
+@click.pass_context
+def evaluate(ctx: click.Context, data: str | None) -> None:
+    """Evaluate a refiner against the teacher: --data s3://...|DIR --refiner DIR [--out DIR] [...]
+    (all options: refinery eval --help). Writes metrics.json, report.md and PNG plots."""
+    from refiner.evaluate import main as evaluate_main
+
+    sys.exit(evaluate_main(refiner_argv(ctx)))

@@ -1,0 +1,93 @@
+"""What every job kind's handler provides, and the image publishing two of them share.
+
+The lifecycle (``worker/lifecycle.py``) claims a job, then asks its kind's handler to
+``prepare`` it (checks, inputs, and the batch key that says which jobs may share a model
+call), hands the item to the batcher, which calls ``run_batch`` on the model thread, and
+finally, unless the job was cancelled meanwhile, asks the handler to ``publish`` it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from refiner.pixels import to_pil
+from shared.images import CONTENT_TYPES, EXTENSIONS, Provenance, encode_image
+from shared.jobs import JobKind, JobRecord, JobResult
+from shared.storage import Storage
+from worker.timing import StageTimer
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Jobs with equal keys share one model call. Each handler subclasses it, so keys of
+    different kinds never compare equal and the key's class names its handler."""
+
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Published:
+    result: JobResult
+    refiner: str | None  # the refiner version that ran, if any
+
+
+class JobHandler(Protocol):
+    kind: ClassVar[JobKind]
+    Key: ClassVar[type[BatchKey]]
+    pipelines: ClassVar[tuple[str, ...]]  # the registry's pipelines it uses: "pipeline", "teacher"
+    generator: str | None  # the preset that generates this kind's images, for the record
+
+    def prepare(self, record: JobRecord, timer: StageTimer) -> tuple[BatchKey, Any]:
+        """Check the job against what this worker serves and load its input. Runs in the
+        job's own thread; raises ``RefineryError`` for a job that cannot run here."""
+        ...
+
+    def run_batch(self, key: BatchKey, items: list[Any]) -> list[Any]:
+        """One model call for the batch; one output per item, each with the batch's
+        ``timings_ms``. Runs on the batcher's model thread."""
+        ...
+
+    def publish(self, record: JobRecord, output: Any, timer: StageTimer) -> Published:
+        """Encode and upload the job's files (its S3 keys derive from the job, so a
+        redelivery overwrites rather than duplicates)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    raw: torch.Tensor  # (3, H, W) in [0, 1]: the generated or input image
+    refined: torch.Tensor | None  # (3, H, W), None when the job did not ask for refinement
+    refiner: str | None  # the refiner version that made ``refined``
+    timings_ms: dict[str, float]  # of the whole batch
+
+
+def publish_image(
+    storage: Storage, record: JobRecord, output: ModelOutput, provenance: Provenance, *, keep_raw: bool, timer: StageTimer
+) -> Published:
+    """Upload the refined image (or the raw one, when not refined), and the raw one too if asked."""
+    fmt = record.spec.output_format
+    final = output.refined if output.refined is not None else output.raw
+    with timer("encode"):
+        encoded = {"refined" if output.refiner else "image": encode_image(to_pil(final), fmt, provenance)}
+        if keep_raw and output.refiner:
+            encoded["raw"] = encode_image(to_pil(output.raw), fmt, provenance)
+    with timer("upload"):
+        uris = {
+            name: storage.put(storage.job_uri(record.job_id, f"{name}.{EXTENSIONS[fmt]}"), data, CONTENT_TYPES[fmt])
+            for name, data in encoded.items()
+        }
+    main_uri = uris.get("refined") or uris["image"]
+    result = JobResult(
+        uri=main_uri,
+        url=storage.presign(main_uri),
+        raw_uri=uris.get("raw"),
+        raw_url=storage.presign(uris["raw"]) if "raw" in uris else None,
+        width=final.shape[-1],
+        height=final.shape[-2],
+        format=fmt,
+    )
+    return Published(result, output.refiner)

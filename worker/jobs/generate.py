@@ -1,0 +1,82 @@
+"""``generate_and_refine``: the generator makes the image, the refiner adds the detail back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from shared.images import TRAINED_ALGORITHMIC_MEDIA, Provenance
+from shared.jobs import GenerateSpec, JobKind, JobRecord
+from shared.settings import Settings
+from shared.storage import Storage
+from worker.jobs.base import BatchKey, ModelOutput, Published, publish_image
+from worker.models import generate
+from worker.registry import ModelRegistry
+from worker.timing import StageTimer
+
+
+@dataclass(frozen=True)
+class GenerateKey(BatchKey):
+    steps: int
+    guidance: float
+
+
+@dataclass(frozen=True)
+class GenerateItem:
+    prompt: str
+    seed: int
+    refine: bool
+
+
+class GenerateJob:
+    kind: ClassVar[JobKind] = JobKind.generate_and_refine
+    pipelines: ClassVar[tuple[str, ...]] = ("pipeline",)
+    Key: ClassVar[type[BatchKey]] = GenerateKey
+
+    def __init__(self, models: ModelRegistry, storage: Storage, settings: Settings) -> None:
+        self.models = models
+        self.storage = storage
+        self.generator = models.preset.name
+
+    def prepare(self, record: JobRecord, timer: StageTimer) -> tuple[GenerateKey, GenerateItem]:
+        spec: GenerateSpec = record.spec
+        preset = self.models.preset
+        # The producer checked against its own idea of the preset; this worker knows.
+        preset.check_size(spec.width, spec.height)
+        steps = spec.steps or preset.steps
+        guidance = preset.guidance if spec.guidance is None else spec.guidance
+        return GenerateKey(spec.width, spec.height, steps, guidance), GenerateItem(spec.prompt, record.seed, spec.refine)
+
+    def run_batch(self, key: GenerateKey, items: list[GenerateItem]) -> list[ModelOutput]:
+        timer = StageTimer()
+        with timer("generate"):
+            images = generate(
+                self.models.pipeline,
+                [item.prompt for item in items],
+                [item.seed for item in items],
+                width=key.width,
+                height=key.height,
+                steps=key.steps,
+                guidance=key.guidance,
+                max_sequence_length=self.models.preset.max_sequence_length,
+            )  # (B, 3, H, W)
+        wanted = [i for i, item in enumerate(items) if item.refine]
+        refined = {}
+        if wanted:
+            with timer("refine"):
+                refined = dict(zip(wanted, self.models.refine(images[wanted]), strict=True))
+        version = self.models.refiner.version
+        return [
+            ModelOutput(images[i], refined.get(i), version if i in refined else None, timer.ms) for i in range(len(items))
+        ]
+
+    def publish(self, record: JobRecord, output: ModelOutput, timer: StageTimer) -> Published:
+        spec: GenerateSpec = record.spec
+        provenance = Provenance(
+            job_id=record.job_id,
+            generator=self.generator,
+            refiner=output.refiner or "none",
+            seed=record.seed,
+            digital_source_type=TRAINED_ALGORITHMIC_MEDIA,
+        )
+        return publish_image(self.storage, record, output, provenance, keep_raw=spec.keep_raw, timer=timer)

@@ -1,0 +1,59 @@
+"""``refine_only``: the refiner alone, over an image the caller already has."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from refiner.pixels import to_tensor
+from shared.images import ALGORITHMICALLY_ENHANCED, Provenance, decode_image
+from shared.jobs import JobKind, JobRecord, RefineSpec
+from shared.settings import Settings
+from shared.storage import Storage
+from worker.jobs.base import BatchKey, ModelOutput, Published, publish_image
+from worker.registry import ModelRegistry
+from worker.timing import StageTimer
+
+
+@dataclass(frozen=True)
+class RefineKey(BatchKey):
+    pass
+
+
+class RefineJob:
+    kind: ClassVar[JobKind] = JobKind.refine_only
+    pipelines: ClassVar[tuple[str, ...]] = ()
+    Key: ClassVar[type[BatchKey]] = RefineKey
+    generator = None
+
+    def __init__(self, models: ModelRegistry, storage: Storage, settings: Settings) -> None:
+        self.models = models
+        self.storage = storage
+        self.settings = settings
+
+    def prepare(self, record: JobRecord, timer: StageTimer) -> tuple[RefineKey, torch.Tensor]:
+        spec: RefineSpec = record.spec
+        limits = {"max_bytes": self.settings.max_input_bytes}
+        with timer("load_input"):
+            data = self.storage.get(spec.input_uri, **limits)
+            image = to_tensor(decode_image(data, max_pixels=self.settings.max_input_pixels, **limits))  # (3, H, W)
+        return RefineKey(image.shape[-1], image.shape[-2]), image
+
+    def run_batch(self, key: RefineKey, items: list[torch.Tensor]) -> list[ModelOutput]:
+        timer = StageTimer()
+        with timer("refine"):
+            refined = self.models.refine(torch.stack(items))
+        version = self.models.refiner.version
+        return [ModelOutput(raw, out, version, timer.ms) for raw, out in zip(items, refined, strict=True)]
+
+    def publish(self, record: JobRecord, output: ModelOutput, timer: StageTimer) -> Published:
+        provenance = Provenance(
+            job_id=record.job_id,
+            generator=None,
+            refiner=output.refiner or "none",
+            seed=record.seed,
+            digital_source_type=ALGORITHMICALLY_ENHANCED,
+        )
+        return publish_image(self.storage, record, output, provenance, keep_raw=False, timer=timer)
