@@ -2,6 +2,7 @@
 # One command from a fresh Debian/Ubuntu clone to a running demo or a green test suite:
 #   scripts/dev.sh demo   # local stack + tiny models, writes demo-out/contact_sheet.png
 #   scripts/dev.sh test   # the full test suite (what CI runs)
+#   scripts/dev.sh lint   # ruff (format and check) and mypy (CI runs it before the tests)
 # It creates .venv, installs the package with a CPU build of torch, and installs
 # redis-server with apt when it is missing. Re-running it is cheap.
 set -euo pipefail
@@ -27,5 +28,6 @@ fi
 case "${1:-}" in
     demo) shift; exec .venv/bin/refinery demo "$@" ;;
     test) shift; exec .venv/bin/python -m pytest "$@" ;;
-    *) echo "usage: scripts/dev.sh demo|test [args...]" >&2; exit 2 ;;
+    lint) .venv/bin/ruff format --check . && .venv/bin/ruff check . && exec .venv/bin/mypy ;;
+    *) echo "usage: scripts/dev.sh demo|test|lint [args...]" >&2; exit 2 ;;
 esac

@@ -15,9 +15,13 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+def _csv_parts(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
+        return _csv_parts(value)
     return value
 
 
@@ -112,7 +116,7 @@ class Settings(BaseSettings):
     @classmethod
     def _sizes(cls, value: object) -> object:
         if isinstance(value, str):
-            pairs = (part.split("=") for part in _split_csv(value))
+            pairs = (part.split("=") for part in _csv_parts(value))
             return {size.strip().lower(): int(n) for size, n in pairs}
         return value
 

@@ -8,7 +8,7 @@ callbacks worker has no runner and never imports torch.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
 from celery.signals import worker_ready, worker_shutdown
@@ -58,13 +58,13 @@ def make_app(settings: Settings, runner: JobRunner | None = None) -> Celery:
             countdown = min(settings.callback_backoff_max_s, 2**task.request.retries)
             raise task.retry(countdown=countdown, exc=exc) from None
 
-    def announce(sender: object, **_: object) -> None:
+    def announce(sender: Any, **_: object) -> None:
         """Publish what this worker serves (preset, device, dtype, refiner) for status tools."""
-        info = runner.registry.describe() if runner is not None else {"role": "callbacks"}
+        info: dict[str, object] = runner.registry.describe() if runner is not None else {"role": "callbacks"}
         metrics.set_worker_info(info)
         store.register_worker(sender.hostname, info)
 
-    def retire(sender: object, **_: object) -> None:
+    def retire(sender: Any, **_: object) -> None:
         store.unregister_worker(sender.hostname)
 
     worker_ready.connect(announce, weak=False)

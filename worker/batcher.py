@@ -16,21 +16,20 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-# run_batch(key, items) -> one result per item, in order.
-RunBatch = Callable[[Hashable, list[Any]], Sequence[Any]]
+Key = TypeVar("Key", bound=Hashable)
 
 
 @dataclass(order=True)
-class _Request:
+class _Request(Generic[Key]):
     priority: int  # lower runs first
     sequence: int  # then first come, first served
-    key: Hashable = field(compare=False)
+    key: Key = field(compare=False)
     item: Any = field(compare=False)
     enqueued: float = field(compare=False)
     done: threading.Event = field(default_factory=threading.Event, compare=False)
@@ -49,18 +48,24 @@ class Batched:
     waited_s: float  # time between submit and the start of its batch
 
 
-class DynamicBatcher:
-    def __init__(self, run_batch: RunBatch, *, max_batch: Callable[[Hashable], int], max_wait_s: float) -> None:
+class DynamicBatcher(Generic[Key]):
+    def __init__(
+        self,
+        run_batch: Callable[[Key, list[Any]], Sequence[Any]],  # one result per item, in order
+        *,
+        max_batch: Callable[[Key], int],
+        max_wait_s: float,
+    ) -> None:
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._pending: list[_Request] = []
+        self._pending: list[_Request[Key]] = []
         self._cond = threading.Condition()
         self._sequence = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="model-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, key: Hashable, item: Any, priority: int = 0) -> Batched:
+    def submit(self, key: Key, item: Any, priority: int = 0) -> Batched:
         """Block until the item has run in some batch; re-raises that batch's error."""
         request = _Request(priority, next(self._sequence), key, item, time.monotonic())
         with self._cond:
@@ -71,7 +76,7 @@ class DynamicBatcher:
             raise request.error
         return Batched(request.result, request.batch_size, request.waited_s)
 
-    def _next_batch(self) -> list[_Request]:
+    def _next_batch(self) -> list[_Request[Key]]:
         with self._cond:
             while not self._pending:
                 self._cond.wait()
@@ -86,7 +91,7 @@ class DynamicBatcher:
                 self._pending.remove(request)
             return batch
 
-    def _count(self, key: Hashable) -> int:
+    def _count(self, key: Key) -> int:
         return sum(1 for r in self._pending if r.key == key)
 
     def _loop(self) -> None:
@@ -103,7 +108,7 @@ class DynamicBatcher:
                 request.waited_s = started - request.enqueued
                 request.done.set()
 
-    def _run(self, key: Hashable, items: list[Any]) -> list[Any]:
+    def _run(self, key: Key, items: list[Any]) -> list[Any]:
         """One result per item, or ``_Failed`` for the items whose call raised."""
         try:
             return list(self.run_batch(key, items))

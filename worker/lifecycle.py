@@ -84,6 +84,7 @@ class JobRunner:
         if not claim.claimed:
             return claim.retry_in
         record = claim.record
+        assert record is not None and record.started_at is not None  # the claim started it
         if self.settings.callback_on_running:
             self._notify(record)
         timer = StageTimer()

@@ -54,6 +54,7 @@ def load_pipeline(
     ``model_path`` overrides a real preset's hub id; the tiny presets ignore it, being
     built locally into ``cache_dir`` and loaded from there without touching the hub.
     """
+    source: str | Path | None
     if preset.tiny:
         source, hub = ensure_tiny_pipeline_saved(preset.name, cache_dir), {"local_files_only": True}
     else:
@@ -85,7 +86,7 @@ def make_batch_invariant(pipe: FluxPipeline) -> None:
     """
     for module in pipe.transformer.modules():
         if isinstance(module, torch.nn.Linear):
-            module.forward = _row_by_row(module)
+            module.forward = _row_by_row(module)  # type: ignore[method-assign]  # this instance only
     pipe.vae.enable_slicing()
 
 

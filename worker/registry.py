@@ -14,9 +14,9 @@ import torch
 from diffusers import FluxPipeline
 
 from refiner import Refiner, load_refiner
+from shared.presets import Preset, get_preset
 from shared.settings import Settings
 from worker.models import load_pipeline, make_batch_invariant, resolve_device, resolve_dtype, warm_up
-from shared.presets import Preset, get_preset
 
 logger = logging.getLogger(__name__)
 

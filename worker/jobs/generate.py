@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from shared.errors import InvalidInput
 from shared.images import TRAINED_ALGORITHMIC_MEDIA, Provenance
 from shared.jobs import GenerateSpec, JobKind, JobRecord
 from shared.settings import Settings
@@ -39,10 +40,13 @@ class GenerateJob:
         self.generator = models.preset.name
 
     def prepare(self, record: JobRecord, timer: StageTimer) -> tuple[GenerateKey, GenerateItem]:
-        spec: GenerateSpec = record.spec
+        spec = record.spec
+        assert isinstance(spec, GenerateSpec)  # the lifecycle hands each handler its own kind
         preset = self.models.preset
         # The producer checked against its own idea of the preset; this worker knows.
         preset.check_size(spec.width, spec.height)
+        if record.seed is None:  # producers draw it at submit, so a redelivery makes the same image
+            raise InvalidInput("the job record carries no seed", field="seed")
         steps = spec.steps or preset.steps
         guidance = preset.guidance if spec.guidance is None else spec.guidance
         return GenerateKey(spec.width, spec.height, steps, guidance), GenerateItem(spec.prompt, record.seed, spec.refine)
@@ -71,7 +75,8 @@ class GenerateJob:
         ]
 
     def publish(self, record: JobRecord, output: ModelOutput, timer: StageTimer) -> Published:
-        spec: GenerateSpec = record.spec
+        spec = record.spec
+        assert isinstance(spec, GenerateSpec)  # the lifecycle hands each handler its own kind
         provenance = Provenance(
             job_id=record.job_id,
             generator=self.generator,

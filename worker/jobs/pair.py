@@ -51,7 +51,8 @@ class PairJob:
         return {"student": self.models.preset, "teacher": self.models.teacher_preset}
 
     def prepare(self, record: JobRecord, timer: StageTimer) -> tuple[PairKey, GenerateItem]:
-        spec: PairSpec = record.spec
+        spec = record.spec
+        assert isinstance(spec, PairSpec)  # the lifecycle hands each handler its own kind
         for role, preset in self.presets.items():
             if getattr(spec, role) != preset.name:
                 raise InvalidInput(f"this worker serves {preset.name!r}, not {getattr(spec, role)!r}", field=role)
@@ -79,7 +80,8 @@ class PairJob:
         return [PairOutput({role: images[role][i] for role in PAIR_IMAGES}, timer.ms, len(items)) for i in range(len(items))]
 
     def publish(self, record: JobRecord, output: PairOutput, timer: StageTimer) -> Published:
-        spec: PairSpec = record.spec
+        spec = record.spec
+        assert isinstance(spec, PairSpec)  # the lifecycle hands each handler its own kind
         with timer("encode"):
             encoded = {
                 role: encode_image(

@@ -34,7 +34,8 @@ class RefineJob:
         self.settings = settings
 
     def prepare(self, record: JobRecord, timer: StageTimer) -> tuple[RefineKey, torch.Tensor]:
-        spec: RefineSpec = record.spec
+        spec = record.spec
+        assert isinstance(spec, RefineSpec)  # the lifecycle hands each handler its own kind
         limits = {"max_bytes": self.settings.max_input_bytes}
         with timer("load_input"):
             data = self.storage.get(spec.input_uri, **limits)

@@ -1,0 +1,58 @@
+"""What a worker agrees to run: sizes its loaded preset supports, and model queues only
+where the models are loaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from devstack.stack import LocalStack
+from shared.errors import InvalidInput
+from shared.jobs import GenerateSpec, JobRecord, PairSpec
+from shared.settings import Settings
+from shared.storage import Storage
+from worker.jobs.generate import GenerateJob
+from worker.jobs.pair import PairJob
+from worker.registry import ModelRegistry
+from worker.timing import StageTimer
+
+
+@pytest.fixture
+def flux_registry(tmp_path) -> ModelRegistry:
+    # Nothing is loaded until a pipeline is used: the preset alone decides what is accepted.
+    settings = Settings(_env_file=None, model_preset="flux-schnell", model_cache_dir=tmp_path)
+    return ModelRegistry(settings)
+
+
+def test_a_flux_worker_refuses_a_tiny_generate_job(flux_registry):
+    job = GenerateJob(flux_registry, Storage(flux_registry.settings), flux_registry.settings)
+    record = JobRecord(job_id="j", kind="generate_and_refine", spec=GenerateSpec(prompt="p", width=32, height=512), seed=1)
+    with pytest.raises(InvalidInput, match="at least 256 for preset 'flux-schnell'") as raised:
+        job.prepare(record, StageTimer())
+    assert raised.value.code == "invalid_input" and raised.value.field == "width"
+
+    ok = record.model_copy(update={"spec": GenerateSpec(prompt="p", width=256, height=512)})
+    key, _ = job.prepare(ok, StageTimer())
+    assert (key.width, key.height, key.steps) == (256, 512, 4)
+
+
+def test_a_flux_pairs_worker_refuses_a_tiny_pair(flux_registry):
+    job = PairJob(flux_registry, Storage(flux_registry.settings), flux_registry.settings)
+    spec = PairSpec(
+        prompt="p", seed=1, width=512, height=64, dataset="s3://refinery/d", pair_id="0", student="flux-schnell", teacher="flux-dev"
+    )
+    with pytest.raises(InvalidInput, match="at least 256") as raised:
+        job.prepare(JobRecord(job_id="j", kind="pair", spec=spec, seed=1), StageTimer())
+    assert raised.value.field == "height"
+
+
+@pytest.mark.integration
+def test_celery_entry_point_refuses_model_queues(stack: LocalStack):
+    env = {**os.environ, "REFINERY_REDIS_URL": stack.settings.redis_url}
+    command = [sys.executable, "-m", "celery", "-A", "worker.celery_cli", "worker", "--pool=threads", "-Q"]
+    refused = subprocess.run([*command, "generate"], check=False, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert "queues ['generate'] need the models" in refused.stderr + refused.stdout
