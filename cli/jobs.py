@@ -12,7 +12,7 @@ from rich.table import Table
 
 from cli.common import EXIT_TIMEOUT, console, make_client
 from shared.errors import JobNotFound
-from shared.jobs import JobRecord, OutputFormat, Priority
+from shared.jobs import JobError, JobRecord, OutputFormat, Priority
 
 if TYPE_CHECKING:
     from producer.client import JobHandle
@@ -163,4 +163,5 @@ def dead_letters(limit: int, as_json: bool) -> None:
         if as_json:
             click.echo(record.model_dump_json())
         else:
-            console.print(f"{record.job_id}  {record.finished_at:%Y-%m-%d %H:%M:%S}  {record.error.code}: {record.error.message}")
+            error = record.error or JobError(code="unknown", message="the record carries no error")
+            console.print(f"{record.job_id}  {record.finished_at:%Y-%m-%d %H:%M:%S}  {error.code}: {error.message}")

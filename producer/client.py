@@ -36,6 +36,7 @@ from shared.settings import Settings, get_settings
 from shared.storage import Storage
 from shared.store import JobStore
 
+
 @dataclass(frozen=True)
 class JobHandle:
     job_id: str
@@ -94,7 +95,7 @@ class Client:
             # small and a bad upload fails here rather than in the worker.
             decode_image(image, max_bytes=self.settings.max_input_bytes, max_pixels=self.settings.max_input_pixels)
             input_uri = self.storage.job_uri(job_id, "input")
-        spec = build_spec(RefineSpec, input_uri=input_uri, **fields)
+        spec: RefineSpec = build_spec(RefineSpec, input_uri=input_uri, **fields)
         bucket, _ = parse_s3_uri(spec.input_uri)
         if bucket not in self.settings.readable_buckets:
             raise InvalidInput(f"bucket {bucket!r} is not readable by this service", field="input_uri")
@@ -103,7 +104,7 @@ class Client:
         # Every other check before the upload, so a refused job leaves nothing behind.
         self._check(spec)
         if image is not None:
-            self.storage.put(input_uri, image, "application/octet-stream")
+            self.storage.put(spec.input_uri, image, "application/octet-stream")
         return self._submit(spec, job_id=job_id)
 
     def _check(self, spec: GenerateSpec | RefineSpec | PairSpec) -> None:

@@ -22,7 +22,7 @@ from producer.client import Client, JobHandle
 from producer.prompts import build_prompts
 from shared.broker import queue_depth
 from shared.datasets import pair_id_of, pair_paths
-from shared.jobs import JobState, parse_s3_uri
+from shared.jobs import JobState, PairSpec, parse_s3_uri
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def written_pairs(client: Client, dataset: str) -> set[str]:
     """Ids of complete pairs: those with a manifest row."""
     bucket, prefix = parse_s3_uri(dataset + "/manifest/x")
     prefix = prefix.removesuffix("x")
-    found = set()
+    found: set[str] = set()
     for page in client.storage.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         found.update(pair_id_of(obj["Key"]) for obj in page.get("Contents", []))
     return found
@@ -104,6 +104,8 @@ def wait(client: Client, target: Target, handles: Iterable[JobHandle], total: in
             record = handle.wait()
             outcome[record.state.value] += 1
             if record.state is JobState.failed:
+                # A failed record always carries its error, and submit() queues only pair jobs.
+                assert record.error is not None and isinstance(record.spec, PairSpec)
                 field = f" {record.error.field}:" if record.error.field else ""
                 console.print(f"pair {record.spec.pair_id} failed [{record.error.code}]{field} {record.error.message}", markup=False)
             progress.advance(task)
@@ -114,21 +116,28 @@ def wait(client: Client, target: Target, handles: Iterable[JobHandle], total: in
 
 def mirrored_pairs(target: Target) -> set[str]:
     """Ids of the complete pairs in the local directory: those with a manifest row."""
-    return {pair_id_of(path.name) for path in (target.mirror / "manifest").glob("*.json")}
+    return {pair_id_of(path.name) for path in (_local_dir(target) / "manifest").glob("*.json")}
 
 
 def mirror(client: Client, target: Target) -> int:
     """Download the complete pairs the local directory lacks; returns how many."""
+    local_dir = _local_dir(target)
     fetched = 0
     for pid in sorted(written_pairs(client, target.dataset) - mirrored_pairs(target)):
         paths = pair_paths(pid)
         # Images first and the manifest row last, as the worker writes them.
         for name in ("student", "teacher", "manifest"):
-            local = target.mirror / paths[name]
+            local = local_dir / paths[name]
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_bytes(client.storage.get(f"{target.dataset}/{paths[name]}"))
         fetched += 1
     return fetched
+
+
+def _local_dir(target: Target) -> Path:
+    if target.mirror is None:
+        raise ValueError(f"dataset {target.dataset} has no local directory to mirror into")
+    return target.mirror
 
 
 def status(client: Client, target: Target) -> dict[str, object]:

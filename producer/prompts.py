@@ -280,7 +280,7 @@ _FAKERS: dict[str, Faker] = {}
 
 
 def _faker(locale: str) -> Faker:
-    # One Faker per locale, reseeded per prompt: building one costs ~15 ms, reseeding ~nothing.
+    # One Faker per locale, reseeded per prompt: building one is slow, reseeding is cheap.
     if locale not in _FAKERS:
         _FAKERS[locale] = Faker(locale)
     return _FAKERS[locale]

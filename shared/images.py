@@ -63,7 +63,8 @@ def decode_image(
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; make it an error too.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=_INPUT_FORMATS)
+            # Image, not ImageFile: exif_transpose below replaces it with a plain Image.
+            image: Image.Image = Image.open(io.BytesIO(data), formats=_INPUT_FORMATS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise InvalidImage(f"is too large to decode safely: {exc}", field="input") from None
     except Exception:

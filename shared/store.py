@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import cast
 
 import redis
 
@@ -22,6 +23,16 @@ TERMINAL_STATES = {state.value for state in JobState if state.terminal}
 
 # A mutation returns the new record, or None to leave the stored one as it is.
 Mutation = Callable[[JobRecord], JobRecord | None]
+
+
+def _reply(value: bytes | str | None) -> bytes | None:
+    # redis-py types replies as bytes | str to cover decode_responses; every client here
+    # (from_settings, and the tests') is built without it, so they are bytes.
+    return cast("bytes | None", value)
+
+
+def _text(value: bytes | str) -> str:
+    return cast(bytes, value).decode()
 
 
 class JobStore:
@@ -49,7 +60,7 @@ class JobStore:
                         existing = pipe.get(idem)
                         if existing is not None:
                             pipe.reset()
-                            return self.get(existing.decode()), False
+                            return self.get(_text(existing)), False
                     pipe.multi()
                     if idem:
                         pipe.set(idem, record.job_id, ex=self.ttl_s)
@@ -62,7 +73,7 @@ class JobStore:
     def find_idempotent(self, idempotency_key: str) -> str | None:
         """The job id first submitted with this key, if any."""
         job_id = self.redis.get(keys.idempotency_key(idempotency_key))
-        return job_id.decode() if job_id else None
+        return _text(job_id) if job_id else None
 
     def get(self, job_id: str) -> JobRecord:
         raw = self.redis.get(keys.job_key(job_id))
@@ -86,6 +97,8 @@ class JobStore:
             return new.model_dump_json(), new.state.value
 
         self._edit(job_id, edit)
+        # _edit returns only after edit ran and set it (a missing record raises instead).
+        assert stored is not None
         return stored
 
     def fail_unreadable(self, job_id: str, message: str) -> None:
@@ -111,7 +124,7 @@ class JobStore:
             while True:
                 try:
                     pipe.watch(key)
-                    change = edit(pipe.get(key))
+                    change = edit(_reply(pipe.get(key)))
                     if change is None:
                         pipe.reset()
                         return
@@ -158,11 +171,15 @@ class JobStore:
 
     def dead_letter(self, job_id: str) -> None:
         with self.redis.pipeline() as pipe:
-            pipe.lpush(keys.DEAD_LETTER, job_id).ltrim(keys.DEAD_LETTER, 0, keys.DEAD_LETTER_MAX - 1).execute()
+            # Separate calls: redis-py types a pipeline's commands as the client's (an int here),
+            # not as the pipeline they return.
+            pipe.lpush(keys.DEAD_LETTER, job_id)
+            pipe.ltrim(keys.DEAD_LETTER, 0, keys.DEAD_LETTER_MAX - 1)
+            pipe.execute()
 
     def dead_letters(self, limit: int = 100) -> list[str]:
         """Newest first."""
-        return [job_id.decode() for job_id in self.redis.lrange(keys.DEAD_LETTER, 0, limit - 1)]
+        return [_text(job_id) for job_id in self.redis.lrange(keys.DEAD_LETTER, 0, limit - 1)]
 
     def register_worker(self, hostname: str, info: dict[str, object]) -> None:
         """Announce a worker that is ready to consume (its models are loaded and warm)."""
@@ -172,7 +189,7 @@ class JobStore:
         self.redis.delete(keys.worker_key(hostname))
 
     def workers(self) -> dict[str, dict[str, object]]:
-        found = {}
+        found: dict[str, dict[str, object]] = {}
         for key in self.redis.scan_iter(keys.worker_key("*")):
             raw = self.redis.get(key)
             if raw is not None:

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 import torch
@@ -41,50 +42,67 @@ def client(stack: LocalStack) -> Client:
 
 
 class CallbackReceiver:
-    """A local HTTP server recording every POST: ``received`` (path, headers, body) for
-    ``next``, ``requests`` (bodies as text) for counting. It answers the first
-    ``fail_first`` requests with 503 and waits ``delay_s`` before each answer."""
+    """A local HTTP server recording every POST (and GET, so that a followed redirect shows):
+    ``received`` (path, lower-cased headers, body) in arrival order, ``next`` to wait for the
+    next of them, ``requests`` (bodies as text) for counting. It answers the first
+    ``fail_first`` requests with 503, then ``status`` (with ``location`` as its Location
+    header, if given), and waits ``delay_s`` before each answer."""
 
-    def __init__(self, fail_first: int = 0, delay_s: float = 0.0) -> None:
-        self.received: queue.Queue[tuple[str, dict[str, str], bytes]] = queue.Queue()
+    def __init__(
+        self, fail_first: int = 0, delay_s: float = 0.0, status: int = 204, location: str | None = None
+    ) -> None:
+        self.received: list[tuple[str, dict[str, str], bytes]] = []
         self.requests: list[str] = []
+        self._unread: queue.Queue[tuple[str, dict[str, str], bytes]] = queue.Queue()
         lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                request = (self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                 with lock:
                     receiver.requests.append(body.decode())
+                    receiver.received.append(request)
                     failing = len(receiver.requests) <= fail_first
-                receiver.received.put((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                receiver._unread.put(request)
                 time.sleep(delay_s)
-                self.send_response(503 if failing else 204)
+                answer = 503 if failing else status
+                self.send_response(answer)
+                if location is not None and not failing:
+                    self.send_header("Location", location)
+                if answer != 204:
+                    self.send_header("Content-Length", "0")
                 self.end_headers()
+
+            do_GET = do_POST
 
             def log_message(self, *args: object) -> None:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def next(self, timeout: float = 60) -> tuple[str, dict[str, str], bytes]:
-        return self.received.get(timeout=timeout)
+        return self._unread.get(timeout=timeout)
 
 
 @pytest.fixture
 def make_receiver() -> Iterator[Callable[..., CallbackReceiver]]:
-    """``make_receiver(fail_first=0, delay_s=0)``: receivers shut down after the test."""
+    """``make_receiver(fail_first=0, delay_s=0, status=204, location=None)``: receivers
+    shut down after the test."""
     made: list[CallbackReceiver] = []
 
-    def make(**behaviour: float) -> CallbackReceiver:
+    def make(**behaviour: Any) -> CallbackReceiver:
         made.append(CallbackReceiver(**behaviour))
         return made[-1]
 
     yield make
     for receiver in made:
         receiver.server.shutdown()
+        receiver.server.server_close()
 
 
 @pytest.fixture

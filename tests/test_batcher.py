@@ -36,7 +36,10 @@ def _blocked(recorder: Recorder, max_batch: int) -> tuple[DynamicBatcher, thread
     everything submitted meanwhile is pending together when the next batch is formed."""
     gate = threading.Event()
     recorder.gate = gate
-    limit = lambda key: 1 if key == "sentinel" else max_batch  # noqa: E731
+
+    def limit(key: str) -> int:
+        return 1 if key == "sentinel" else max_batch
+
     batcher = DynamicBatcher(recorder, max_batch=limit, max_wait_s=0.2)
     threading.Thread(target=batcher.submit, args=("sentinel", -1), daemon=True).start()
     recorder.entered.wait(10)

@@ -1,6 +1,6 @@
 """Unit tests for shared.callbacks: the private-address refusal, signing and delivery.
 
-Delivery tests talk to a real HTTP server on 127.0.0.1 (allowlisted) in a thread.
+Delivery tests talk to real HTTP servers on 127.0.0.1 (allowlisted): conftest's ``CallbackReceiver``.
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ import json
 import pickle
 import socket
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 import pytest
 from standardwebhooks import Webhook
@@ -23,6 +21,9 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from shared.callbacks import CallbackFailed, check_callback_url, deliver, sign_headers
 from shared.errors import CallbackRefused
+
+if TYPE_CHECKING:
+    from conftest import CallbackReceiver
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 LOCAL = ["127.0.0.1"]
@@ -33,10 +34,7 @@ def fake_dns(*addresses: str):
 
     def resolve(host: str, port: int | None, **_: object) -> list[tuple[object, ...]]:
         family = {4: socket.AF_INET, 6: socket.AF_INET6}
-        return [
-            (family[ipaddress.ip_address(a).version], socket.SOCK_STREAM, 6, "", (a, port or 0))
-            for a in addresses
-        ]
+        return [(family[ipaddress.ip_address(a).version], socket.SOCK_STREAM, 6, "", (a, port or 0)) for a in addresses]
 
     return resolve
 
@@ -202,66 +200,33 @@ def test_naive_timestamps_are_rejected() -> None:
 # --- deliver ------------------------------------------------------------------------------
 
 
-class Receiver(BaseHTTPRequestHandler):
-    """Answers by path: /ok 200, /fail 500, /redirect 302 to /target (or the server's
-    ``redirect_to``), /slow after 2 s."""
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        received = self.server.received  # type: ignore[attr-defined]
-        received.append((self.path, dict(self.headers), body))
-        if self.path == "/slow":
-            time.sleep(2)
-        status = {"/ok": 200, "/fail": 500, "/redirect": 302}.get(self.path.split("?")[0], 404)
-        self.send_response(status)
-        if status == 302:
-            self.send_header("Location", getattr(self.server, "redirect_to", "/target"))
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    do_GET = do_POST
-
-    def log_message(self, *args: object) -> None:  # keep test output quiet
-        pass
-
-
-@contextmanager
-def serving(**attributes: object) -> Iterator[tuple[ThreadingHTTPServer, str, list]]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    server.daemon_threads = True
-    server.received = []  # type: ignore[attr-defined]
-    for name, value in attributes.items():
-        setattr(server, name, value)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield server, f"http://127.0.0.1:{server.server_address[1]}", server.received  # type: ignore
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[tuple[str, list[tuple[str, dict[str, str], bytes]]]]:
-    with serving() as (_, base, received):
-        yield base, received
-
-
 PAYLOAD = {"job_id": "j1", "state": "succeeded", "note": "naïve ✓"}
 
 
-def send(url: str, secret: str | None = SECRET, timeout_s: float = 5) -> int:
+def send(
+    url: str,
+    secret: str | None = SECRET,
+    timeout_s: float = 5,
+    *,
+    allowlist: list[str] = LOCAL,
+    resolve: Callable[..., list[tuple[object, ...]]] = socket.getaddrinfo,
+) -> int:
+    """``deliver`` ``PAYLOAD`` to ``url``, as msg_42; by default with 127.0.0.1 allowlisted."""
     return deliver(
-        url, PAYLOAD, msg_id="msg_42", secret=secret, timeout_s=timeout_s, allowlist=LOCAL
+        url, PAYLOAD, msg_id="msg_42", secret=secret, timeout_s=timeout_s, allowlist=allowlist, resolve=resolve
     )
 
 
-def test_delivery_is_signed_and_verifiable(receiver) -> None:
-    base, received = receiver
+@pytest.fixture
+def ok_receiver(make_receiver) -> CallbackReceiver:
+    """A local receiver answering 200 to every request."""
+    return make_receiver(status=200)
 
-    assert send(f"{base}/ok") == 200
 
-    [(path, headers, body)] = received
+def test_delivery_is_signed_and_verifiable(ok_receiver) -> None:
+    assert send(f"{ok_receiver.url}/ok") == 200
+
+    [(path, headers, body)] = ok_receiver.received
     assert path == "/ok"
     assert json.loads(body) == PAYLOAD
     assert body == json.dumps(PAYLOAD, separators=(",", ":")).encode()  # compact, sent as signed
@@ -272,31 +237,29 @@ def test_delivery_is_signed_and_verifiable(receiver) -> None:
         Webhook(wrong).verify(body, headers)
 
 
-def test_delivery_without_a_secret_is_unsigned(receiver) -> None:
-    base, received = receiver
+def test_delivery_without_a_secret_is_unsigned(ok_receiver) -> None:
+    assert send(f"{ok_receiver.url}/ok", secret=None) == 200
 
-    assert send(f"{base}/ok", secret=None) == 200
-
-    [(_, headers, _)] = received
+    [(_, headers, _)] = ok_receiver.received
     assert "webhook-signature" not in {k.lower() for k in headers}
     assert headers["webhook-id"] == "msg_42"
 
 
-def test_server_error_is_a_retryable_failure(receiver) -> None:
-    base, _ = receiver
+def test_server_error_is_a_retryable_failure(make_receiver) -> None:
+    failing = make_receiver(status=500)
     with pytest.raises(CallbackFailed, match="500") as caught:
-        send(f"{base}/fail")
+        send(f"{failing.url}/fail")
     assert caught.value.status == 500
 
 
-def test_redirect_is_a_failure_and_not_followed(receiver) -> None:
-    base, received = receiver
+def test_redirect_is_a_failure_and_not_followed(make_receiver) -> None:
+    redirector = make_receiver(status=302, location="/target")
 
     with pytest.raises(CallbackFailed, match="redirect") as caught:
-        send(f"{base}/redirect")
+        send(f"{redirector.url}/redirect")
 
     assert caught.value.status == 302
-    assert [path for path, _, _ in received] == ["/redirect"]
+    assert [path for path, _, _ in redirector.received] == ["/redirect"]
 
 
 def test_connection_refused_is_a_retryable_failure() -> None:
@@ -308,17 +271,16 @@ def test_connection_refused_is_a_retryable_failure() -> None:
     assert caught.value.status is None
 
 
-def test_timeout_is_a_retryable_failure(receiver) -> None:
-    base, _ = receiver
+def test_timeout_is_a_retryable_failure(make_receiver) -> None:
+    slow = make_receiver(status=200, delay_s=2)
     with pytest.raises(CallbackFailed, match="Timeout"):
-        send(f"{base}/slow", timeout_s=0.2)
+        send(f"{slow.url}/slow", timeout_s=0.2)
 
 
-def test_private_target_is_refused_at_delivery_time(receiver) -> None:
-    base, received = receiver
+def test_private_target_is_refused_at_delivery_time(ok_receiver) -> None:
     with pytest.raises(CallbackRefused):
-        deliver(f"{base}/ok", PAYLOAD, msg_id="m", secret=SECRET, timeout_s=5, allowlist=[])
-    assert received == []
+        send(f"{ok_receiver.url}/ok", allowlist=[])
+    assert ok_receiver.received == []
 
 
 def test_callback_failed_survives_pickling() -> None:
@@ -358,7 +320,9 @@ def connects(monkeypatch):
     real = socket.create_connection
 
     class Recorder(list):
-        route: dict[str, tuple[str, int] | None] = {}
+        def __init__(self) -> None:
+            super().__init__()
+            self.route: dict[str, tuple[str, int] | None] = {}
 
     recorder = Recorder()
 
@@ -375,9 +339,8 @@ def connects(monkeypatch):
     return recorder
 
 
-def test_dns_rebinding_cannot_redirect_delivery_to_a_private_address(receiver, connects, monkeypatch) -> None:
-    base, received = receiver
-    port = int(base.rsplit(":", 1)[1])
+def test_dns_rebinding_cannot_redirect_delivery_to_a_private_address(ok_receiver, connects, monkeypatch) -> None:
+    port = ok_receiver.port
     dns = RebindingDNS(socket.getaddrinfo)
     # The HTTP client resolving the name itself would get the second answer, 127.0.0.1,
     # where the local receiver listens: that must never happen.
@@ -385,101 +348,58 @@ def test_dns_rebinding_cannot_redirect_delivery_to_a_private_address(receiver, c
     connects.route[PUBLIC] = None  # the checked public host does not answer
 
     with pytest.raises(CallbackFailed, match="ConnectError"):
-        deliver(
-            f"http://hooks.example.com:{port}/ok",
-            PAYLOAD,
-            msg_id="m",
-            secret=SECRET,
-            timeout_s=5,
-            allowlist=[],
-            resolve=dns,
-        )
+        send(f"http://hooks.example.com:{port}/ok", allowlist=[], resolve=dns)
 
     assert dns.lookups == ["hooks.example.com"]  # resolved once, for the check
     assert connects == [(PUBLIC, port)]  # connected only to the checked address
-    assert received == []
+    assert ok_receiver.received == []
 
 
-def test_delivery_goes_to_the_checked_address_with_the_original_host_header(receiver, connects) -> None:
-    base, received = receiver
-    port = int(base.rsplit(":", 1)[1])
+def test_delivery_goes_to_the_checked_address_with_the_original_host_header(ok_receiver, connects) -> None:
+    port = ok_receiver.port
     connects.route[PUBLIC] = ("127.0.0.1", port)  # the "public" host is the local receiver
 
-    status = deliver(
-        f"http://hooks.example.com:{port}/ok?x=1",
-        PAYLOAD,
-        msg_id="msg_7",
-        secret=SECRET,
-        timeout_s=5,
-        allowlist=[],
-        resolve=fake_dns(PUBLIC),
-    )
+    status = send(f"http://hooks.example.com:{port}/ok?x=1", allowlist=[], resolve=fake_dns(PUBLIC))
 
     assert status == 200
     assert connects == [(PUBLIC, port)]
-    [(path, headers, body)] = received
+    [(path, headers, body)] = ok_receiver.received
     assert path == "/ok?x=1"
-    assert {k.lower(): v for k, v in headers.items()}["host"] == f"hooks.example.com:{port}"
+    assert headers["host"] == f"hooks.example.com:{port}"
     assert Webhook(SECRET).verify(body, headers) == PAYLOAD
 
 
-def test_each_checked_address_is_tried_in_resolver_order(receiver, connects) -> None:
-    base, received = receiver
-    port = int(base.rsplit(":", 1)[1])
+def test_each_checked_address_is_tried_in_resolver_order(ok_receiver, connects) -> None:
+    port = ok_receiver.port
     connects.route.update({PUBLIC: None, "93.184.215.15": ("127.0.0.1", port)})
 
-    status = deliver(
-        f"http://hooks.example.com:{port}/ok",
-        PAYLOAD,
-        msg_id="m",
-        secret=None,
-        timeout_s=5,
-        allowlist=[],
-        resolve=fake_dns(PUBLIC, "93.184.215.15"),
+    status = send(
+        f"http://hooks.example.com:{port}/ok", secret=None, allowlist=[], resolve=fake_dns(PUBLIC, "93.184.215.15")
     )
 
     assert status == 200
     assert connects == [(PUBLIC, port), ("93.184.215.15", port)]
-    assert len(received) == 1
+    assert len(ok_receiver.received) == 1
 
 
-def test_one_private_answer_refuses_delivery_before_any_connect(receiver, connects) -> None:
-    base, received = receiver
-    port = int(base.rsplit(":", 1)[1])
+def test_one_private_answer_refuses_delivery_before_any_connect(ok_receiver, connects) -> None:
     with pytest.raises(CallbackRefused, match="127.0.0.1"):
-        deliver(
-            f"http://hooks.example.com:{port}/ok",
-            PAYLOAD,
-            msg_id="m",
-            secret=SECRET,
-            timeout_s=5,
-            allowlist=[],
-            resolve=fake_dns(PUBLIC, "127.0.0.1"),
-        )
-    assert connects == [] and received == []
+        send(f"http://hooks.example.com:{ok_receiver.port}/ok", allowlist=[], resolve=fake_dns(PUBLIC, "127.0.0.1"))
+    assert connects == [] and ok_receiver.received == []
 
 
-def test_allowlisted_name_is_resolved_once_and_keeps_its_host_header(receiver) -> None:
-    base, received = receiver
-    port = int(base.rsplit(":", 1)[1])
+def test_allowlisted_name_is_resolved_once_and_keeps_its_host_header(ok_receiver) -> None:
+    port = ok_receiver.port
     calls: list[str] = []
 
     def resolve(host, port_, **kwargs):
         calls.append(host)
         return fake_dns("127.0.0.1")(host, port_, **kwargs)
 
-    status = deliver(
-        f"http://hooks.internal:{port}/ok",
-        PAYLOAD,
-        msg_id="m",
-        secret=None,
-        timeout_s=5,
-        allowlist=["hooks.internal"],
-        resolve=resolve,
-    )
+    status = send(f"http://hooks.internal:{port}/ok", secret=None, allowlist=["hooks.internal"], resolve=resolve)
 
     assert status == 200 and calls == ["hooks.internal"]
-    assert {k.lower(): v for k, v in received[0][1].items()}["host"] == f"hooks.internal:{port}"
+    assert ok_receiver.received[0][1]["host"] == f"hooks.internal:{port}"
 
 
 def test_https_delivery_sends_the_original_name_for_sni(connects, tmp_path) -> None:
@@ -508,9 +428,7 @@ def test_https_delivery_sends_the_original_name_for_sni(connects, tmp_path) -> N
     )
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
@@ -537,43 +455,34 @@ def test_https_delivery_sends_the_original_name_for_sni(connects, tmp_path) -> N
         # The self-signed certificate is not trusted, so the delivery fails after the
         # handshake began; it proves the certificate is still checked, too.
         with pytest.raises(CallbackFailed):
-            deliver(
-                f"https://hooks.example.com:{port}/ok",
-                PAYLOAD,
-                msg_id="m",
-                secret=None,
-                timeout_s=5,
-                allowlist=[],
-                resolve=fake_dns(PUBLIC),
-            )
+            send(f"https://hooks.example.com:{port}/ok", secret=None, allowlist=[], resolve=fake_dns(PUBLIC))
         thread.join(5)
 
     assert connects == [(PUBLIC, port)]
     assert server_names == ["hooks.example.com"]
 
 
-def test_proxy_environment_variables_are_ignored(receiver, monkeypatch) -> None:
+def test_proxy_environment_variables_are_ignored(ok_receiver, make_receiver, monkeypatch) -> None:
     """A proxy resolves and connects on its own, past the address check: never use one."""
-    base, received = receiver
-    with serving() as (_, proxy, proxied):
-        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-            monkeypatch.setenv(name, proxy)
-        for name in ("NO_PROXY", "no_proxy"):
-            monkeypatch.delenv(name, raising=False)
+    proxy = make_receiver(status=200)
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, proxy.url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
 
-        assert send(f"{base}/ok") == 200
+    assert send(f"{ok_receiver.url}/ok") == 200
 
-    assert proxied == []
-    assert [path for path, _, _ in received] == ["/ok"]
+    assert proxy.received == []
+    assert [path for path, _, _ in ok_receiver.received] == ["/ok"]
 
 
-def test_redirect_to_a_private_address_is_not_followed(receiver) -> None:
-    base, received = receiver
-    with serving() as (_, private, reached):
-        with serving(redirect_to=f"{private}/latest/meta-data/") as (_, redirector, redirected):
-            with pytest.raises(CallbackFailed, match="redirects are not followed") as caught:
-                send(f"{redirector}/redirect")
+def test_redirect_to_a_private_address_is_not_followed(make_receiver) -> None:
+    private = make_receiver(status=200)
+    redirector = make_receiver(status=302, location=f"{private.url}/latest/meta-data/")
+
+    with pytest.raises(CallbackFailed, match="redirects are not followed") as caught:
+        send(f"{redirector.url}/redirect")
 
     assert caught.value.status == 302
-    assert [path for path, _, _ in redirected] == ["/redirect"]
-    assert reached == []
+    assert [path for path, _, _ in redirector.received] == ["/redirect"]
+    assert private.received == []

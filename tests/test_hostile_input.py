@@ -17,6 +17,7 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -138,8 +139,13 @@ class Case:
     error: type[RefineryError] = InvalidInput
 
 
-def refused(code: str, field: str | None, submit: Callable[[Ctx], JobHandle], error: type[RefineryError] = InvalidInput) -> Case:
-    return Case("submit", code, field, lambda ctx: lambda: submit(ctx), error)
+def refused(
+    code: str, field: str | None, submit: Callable[[Ctx], JobHandle], error: type[RefineryError] = InvalidInput
+) -> Case:
+    def prepare(ctx: Ctx) -> Callable[[], JobHandle]:
+        return partial(submit, ctx)
+
+    return Case("submit", code, field, prepare, error)
 
 
 def refused_inline(code: str, data: Callable[[Client], bytes], **fields: Any) -> Case:
@@ -156,6 +162,10 @@ def refused_callback(url: str, code: str = "callback_url_refused", *, strict: bo
     return refused(code, "callback_url", submit, error)
 
 
+def refused_input_uri(uri: str) -> Case:
+    return refused("invalid_input", "input_uri", lambda ctx: ctx.client.submit_refine(input_uri=uri))
+
+
 def generate(**fields: Any) -> Callable[[Ctx], JobHandle]:
     prompt = fields.pop("prompt", "portrait")
     return lambda ctx: ctx.client.submit_generate(prompt, **{"width": SIZE, "height": SIZE, **fields})
@@ -166,7 +176,7 @@ def failed_from_s3(code: str, field: str | None, data: Callable[[Client], bytes]
 
     def prepare(ctx: Ctx) -> Callable[[], JobHandle]:
         uri = ctx.upload(data(ctx.client))
-        return lambda: ctx.client.submit_refine(input_uri=uri)
+        return partial(ctx.client.submit_refine, input_uri=uri)
 
     return Case("job", code, field, prepare)
 
@@ -180,13 +190,16 @@ def _other_bucket_uri(ctx: Ctx) -> str:
 
 
 def _foreign_other_bucket(ctx: Ctx) -> Callable[[], JobHandle]:
-    uri = _other_bucket_uri(ctx)
-    return lambda: ctx.foreign(input_uri=uri)
+    return partial(ctx.foreign, input_uri=_other_bucket_uri(ctx))
 
 
 def _client_other_bucket(ctx: Ctx) -> Callable[[], JobHandle]:
-    uri = _other_bucket_uri(ctx)
-    return lambda: ctx.client.submit_refine(input_uri=uri)
+    return partial(ctx.client.submit_refine, input_uri=_other_bucket_uri(ctx))
+
+
+def _missing_key(ctx: Ctx) -> Callable[[], JobHandle]:
+    uri = f"s3://{ctx.client.settings.s3_bucket}/uploads/hostile/missing-{uuid.uuid4().hex}.png"
+    return partial(ctx.client.submit_refine, input_uri=uri)
 
 
 def _inline_image_with_private_callback(ctx: Ctx) -> JobHandle:
@@ -206,19 +219,31 @@ BUCKET = "refinery-local"  # LocalStack's bucket; only used in URIs the contract
 
 CASES = [
     # Image bytes sent inline: checked by the producer before anything is stored.
-    pytest.param(refused_inline("invalid_image", lambda c: b"%PDF-1.7 this is not an image"), id="inline-non-image-bytes"),
+    pytest.param(
+        refused_inline("invalid_image", lambda c: b"%PDF-1.7 this is not an image"), id="inline-non-image-bytes"
+    ),
     pytest.param(refused_inline("invalid_image", lambda c: b""), id="inline-empty-bytes"),
     pytest.param(refused_inline("invalid_image", lambda c: truncated(encoded("PNG"))), id="inline-truncated-png"),
-    pytest.param(refused_inline("invalid_image", lambda c: truncated(encoded("JPEG", quality=90))), id="inline-truncated-jpeg"),
-    pytest.param(refused_inline("invalid_image", lambda c: png_declaring(100_000, 100_000)), id="inline-decompression-bomb"),
-    pytest.param(refused_inline("invalid_image", lambda c: png_declaring(4096, 4096)), id="inline-declared-over-max-pixels"),
+    pytest.param(
+        refused_inline("invalid_image", lambda c: truncated(encoded("JPEG", quality=90))), id="inline-truncated-jpeg"
+    ),
+    pytest.param(
+        refused_inline("invalid_image", lambda c: png_declaring(100_000, 100_000)), id="inline-decompression-bomb"
+    ),
+    pytest.param(
+        refused_inline("invalid_image", lambda c: png_declaring(4096, 4096)), id="inline-declared-over-max-pixels"
+    ),
     pytest.param(refused_inline("invalid_image", lambda c: encoded("PNG", (1, 1))), id="inline-1x1"),
     pytest.param(refused_inline("invalid_image", too_many_pixels), id="inline-oversized-pixels"),
     pytest.param(refused_inline("invalid_image", too_many_bytes), id="inline-oversized-bytes"),
     pytest.param(refused_inline("invalid_image", lambda c: encoded("GIF")), id="inline-gif-not-allowed"),
     pytest.param(refused_inline("invalid_image", lambda c: encoded("BMP")), id="inline-bmp-not-allowed"),
     pytest.param(
-        refused("invalid_input", "output_format", lambda ctx: ctx.client.submit_refine(image=encoded("PNG"), output_format="gif")),
+        refused(
+            "invalid_input",
+            "output_format",
+            lambda ctx: ctx.client.submit_refine(image=encoded("PNG"), output_format="gif"),
+        ),
         id="inline-valid-image-bad-format-stores-nothing",
     ),
     pytest.param(
@@ -253,43 +278,56 @@ CASES = [
     pytest.param(refused("invalid_input", "colour", generate(colour="red")), id="unknown-field"),
     pytest.param(refused("invalid_input", "preset", generate(preset="flux-pro")), id="unknown-field-preset"),
     pytest.param(refused("invalid_input", "kind", generate(kind="refine_only")), id="kind-smuggled"),
-    pytest.param(refused("invalid_input", "idempotency_key", generate(idempotency_key="../a b")), id="idempotency-key-bad-chars"),
+    pytest.param(
+        refused("invalid_input", "idempotency_key", generate(idempotency_key="../a b")), id="idempotency-key-bad-chars"
+    ),
     pytest.param(refused("invalid_input", "metadata", generate(metadata={"x": "y" * 10_000})), id="metadata-too-large"),
     pytest.param(
         refused("invalid_input", "metadata", generate(metadata={"x": {1, 2}})),
         id="metadata-not-json",
     ),
     pytest.param(
-        refused("invalid_input", "metadata", lambda ctx: ctx.client.submit_generate("portrait", width=SIZE, height=SIZE, metadata=_deeply_nested())),
+        refused(
+            "invalid_input",
+            "metadata",
+            lambda ctx: ctx.client.submit_generate("portrait", width=SIZE, height=SIZE, metadata=_deeply_nested()),
+        ),
         id="metadata-nested-5000-deep",
     ),
     # S3 input URIs refused by the contract.
-    pytest.param(refused("invalid_input", "input_uri", lambda ctx: ctx.client.submit_refine(input_uri=f"s3://{BUCKET}/uploads/../refinery/jobs/x/input")), id="s3-dotdot-in-key"),
-    pytest.param(refused("invalid_input", "input_uri", lambda ctx: ctx.client.submit_refine(input_uri=f"s3://{BUCKET}/uploads/..")), id="s3-trailing-dotdot"),
-    pytest.param(refused("invalid_input", "input_uri", lambda ctx: ctx.client.submit_refine(input_uri=f"s3://{BUCKET}//etc/passwd")), id="s3-empty-segment"),
-    pytest.param(refused("invalid_input", "input_uri", lambda ctx: ctx.client.submit_refine(input_uri="http://169.254.169.254/latest/x.png")), id="input-uri-not-s3"),
+    pytest.param(refused_input_uri(f"s3://{BUCKET}/uploads/../refinery/jobs/x/input"), id="s3-dotdot-in-key"),
+    pytest.param(refused_input_uri(f"s3://{BUCKET}/uploads/.."), id="s3-trailing-dotdot"),
+    pytest.param(refused_input_uri(f"s3://{BUCKET}//etc/passwd"), id="s3-empty-segment"),
+    pytest.param(refused_input_uri("http://169.254.169.254/latest/x.png"), id="input-uri-not-s3"),
     pytest.param(
         Case("submit", "invalid_input", "input_uri", _client_other_bucket),
         id="s3-bucket-outside-allowlist-at-submit",
     ),
     # S3 inputs only the worker can judge: failed jobs with an error code.
-    pytest.param(Case("job", "invalid_input", "input_uri", _foreign_other_bucket), id="s3-bucket-outside-allowlist-foreign-producer"),
     pytest.param(
-        Case("job", "input_not_found", "input_uri", lambda ctx: lambda: ctx.client.submit_refine(input_uri=f"s3://{ctx.client.settings.s3_bucket}/uploads/hostile/missing-{uuid.uuid4().hex}.png")),
-        id="s3-missing-key",
+        Case("job", "invalid_input", "input_uri", _foreign_other_bucket),
+        id="s3-bucket-outside-allowlist-foreign-producer",
     ),
+    pytest.param(Case("job", "input_not_found", "input_uri", _missing_key), id="s3-missing-key"),
     pytest.param(failed_from_s3("invalid_image", "input", lambda c: b"this is not a png"), id="s3-non-image-bytes"),
     pytest.param(failed_from_s3("invalid_image", "input", lambda c: b""), id="s3-empty-object"),
     pytest.param(failed_from_s3("invalid_image", "input", lambda c: truncated(encoded("PNG"))), id="s3-truncated-png"),
-    pytest.param(failed_from_s3("invalid_image", "input", lambda c: truncated(encoded("JPEG", quality=90))), id="s3-truncated-jpeg"),
-    pytest.param(failed_from_s3("invalid_image", "input", lambda c: png_declaring(100_000, 100_000)), id="s3-decompression-bomb"),
+    pytest.param(
+        failed_from_s3("invalid_image", "input", lambda c: truncated(encoded("JPEG", quality=90))),
+        id="s3-truncated-jpeg",
+    ),
+    pytest.param(
+        failed_from_s3("invalid_image", "input", lambda c: png_declaring(100_000, 100_000)), id="s3-decompression-bomb"
+    ),
     pytest.param(failed_from_s3("invalid_image", "input", lambda c: encoded("PNG", (1, 1))), id="s3-1x1"),
     pytest.param(failed_from_s3("invalid_image", "input", too_many_pixels), id="s3-oversized-pixels"),
     pytest.param(failed_from_s3("invalid_image", "input", too_many_bytes), id="s3-oversized-bytes"),
     pytest.param(failed_from_s3("invalid_image", "input", lambda c: encoded("GIF")), id="s3-gif-not-allowed"),
     # Callback URLs: private targets refused by address, at submit (and again at delivery).
     pytest.param(refused_callback("http://127.0.0.1:6379/"), id="callback-127.0.0.1-redis-port"),
-    pytest.param(refused_callback("http://127.0.0.2/hook", strict=False), id="callback-127.0.0.2-despite-127.0.0.1-allowlisted"),
+    pytest.param(
+        refused_callback("http://127.0.0.2/hook", strict=False), id="callback-127.0.0.2-despite-127.0.0.1-allowlisted"
+    ),
     pytest.param(refused_callback("http://127.1/hook"), id="callback-127.1-short-form"),
     pytest.param(refused_callback("http://2130706433/hook"), id="callback-decimal-loopback"),
     pytest.param(refused_callback("http://localhost:8080/hook"), id="callback-localhost"),
@@ -337,7 +375,11 @@ def redis_state(client: Client) -> tuple[set[bytes], int]:
 def job_prefixes(client: Client, job_keys: set[bytes]) -> tuple[str, ...]:
     """Where the jobs with these records may write: bucket/prefix/jobs/<id>/."""
     base = f"{client.settings.s3_bucket}/{client.settings.s3_prefix}/jobs/"
-    return tuple(base + key.decode().removeprefix(keys.job_key("")) + "/" for key in job_keys if key.startswith(keys.job_key("").encode()))
+    return tuple(
+        base + key.decode().removeprefix(keys.job_key("")) + "/"
+        for key in job_keys
+        if key.startswith(keys.job_key("").encode())
+    )
 
 
 def alive(stack) -> set[str]:
@@ -369,7 +411,9 @@ def test_hostile_input_is_refused_and_writes_nothing_outside_its_job(case: Case,
             record = handle.wait(60)  # let it finish, so it cannot disturb the next case
             pytest.fail(f"accepted at submit; the job ended {record.state.value} with {record.error}")
         new = s3_objects(ctx.client) - objects_before
-        assert not [name for name in new if not name.startswith(earlier)], f"a refused submit wrote to S3: {sorted(new)}"
+        assert not [name for name in new if not name.startswith(earlier)], (
+            f"a refused submit wrote to S3: {sorted(new)}"
+        )
         (records_after, waiting_after) = redis_state(ctx.client)
         assert records_after <= records_before, f"a refused submit created {records_after - records_before}"
         assert waiting_after <= waiting_before, "a refused submit enqueued a message"
@@ -392,18 +436,25 @@ def test_foreign_record_breaking_the_contract_fails_instead_of_hanging(ctx: Ctx)
     """A hand-written record (docs/deploy.md) whose spec breaks the contract must end
     ``failed`` with invalid_input, not sit ``queued`` forever after its message is gone."""
     job_id = uuid.uuid4().hex
-    record = JobRecord(job_id=job_id, kind=JobKind.refine_only, spec=RefineSpec(input_uri=f"s3://{BUCKET}/uploads/x.png"))
+    record = JobRecord(
+        job_id=job_id, kind=JobKind.refine_only, spec=RefineSpec(input_uri=f"s3://{BUCKET}/uploads/x.png")
+    )
     raw = record.model_dump(mode="json")
     raw["spec"]["input_uri"] = f"s3://{BUCKET}/uploads/../refinery/jobs/{job_id}/input"
     r = ctx.client.store.redis
     r.set(keys.job_key(job_id), json.dumps(raw), ex=3600)
-    ctx.client.celery.send_task(keys.TASK_REFINE, args=[job_id], task_id=job_id, queue=ctx.client.settings.queue_refine, priority=3)
+    ctx.client.celery.send_task(
+        keys.TASK_REFINE, args=[job_id], task_id=job_id, queue=ctx.client.settings.queue_refine, priority=3
+    )
 
     # The worker takes the message ...
     wait_until(lambda: queue_depth(r, ctx.client.settings.queue_refine) == 0, timeout_s=30, what="message consumed")
+
     # ... and the record must then say what became of the job.
-    state = lambda: json.loads(r.get(keys.job_key(job_id)))["state"]  # noqa: E731
-    wait_until(lambda: state() in ("failed", "succeeded", "cancelled"), timeout_s=10, what="a terminal record")
+    def terminal() -> bool:
+        return json.loads(r.get(keys.job_key(job_id)))["state"] in ("failed", "succeeded", "cancelled")
+
+    wait_until(terminal, timeout_s=10, what="a terminal record")
     stored = json.loads(r.get(keys.job_key(job_id)))
     assert stored["state"] == "failed" and stored["error"]["code"] == "invalid_input"
 
@@ -415,7 +466,9 @@ def test_callback_refused_at_delivery_when_the_submit_check_was_bypassed(ctx: Ct
     uri = ctx.upload(encoded("PNG"))
     spec = RefineSpec(input_uri=uri, callback_url="http://169.254.169.254/latest/meta-data/")
     ctx.client.store.create(JobRecord(job_id=job_id, kind=JobKind.refine_only, spec=spec))
-    ctx.client.celery.send_task(keys.TASK_REFINE, args=[job_id], task_id=job_id, queue=ctx.client.settings.queue_refine, priority=3)
+    ctx.client.celery.send_task(
+        keys.TASK_REFINE, args=[job_id], task_id=job_id, queue=ctx.client.settings.queue_refine, priority=3
+    )
 
     record = ctx.client.wait(job_id, 60)
     assert record.state is JobState.succeeded, record.error

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shared.errors import InvalidInput
+from shared.presets import PRESETS, get_preset
 from worker.models import (
     SHARED_COMPONENTS,
     generate,
@@ -16,7 +17,6 @@ from worker.models import (
     resolve_dtype,
     warm_up,
 )
-from shared.presets import PRESETS, get_preset
 from worker.tiny_flux import build_tiny_pipeline, ensure_tiny_pipeline_saved
 
 PROMPTS = [

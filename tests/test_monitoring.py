@@ -39,7 +39,10 @@ def test_worker_metrics_count_the_jobs_it_ran(tmp_path):
         samples = _samples(f"http://127.0.0.1:{port}/metrics")
 
     assert all(r.state is JobState.succeeded for r in ok) and bad.state is JobState.failed
-    jobs = lambda kind, state: samples.get(("refinery_jobs_total", (("kind", kind), ("state", state)))) or 0  # noqa: E731
+
+    def jobs(kind: str, state: str) -> float:
+        return samples.get(("refinery_jobs_total", (("kind", kind), ("state", state)))) or 0
+
     assert jobs("generate_and_refine", "succeeded") == 3
     assert jobs("refine_only", "failed") == 1
     assert samples[("refinery_stage_seconds_count", (("kind", "generate_and_refine"), ("stage", "generate")))] == 3
@@ -55,7 +58,9 @@ def test_two_workers_share_a_burst_and_none_runs_twice(tmp_path):
         client = Client(stack.settings)
         handles = [client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE) for s in range(16)]
         records = [h.wait(120) for h in handles]
-        listed = client.storage.client.list_objects_v2(Bucket=stack.settings.s3_bucket, Prefix=f"{stack.settings.s3_prefix}/jobs/")
+        listed = client.storage.client.list_objects_v2(
+            Bucket=stack.settings.s3_bucket, Prefix=f"{stack.settings.s3_prefix}/jobs/"
+        )
 
     assert all(r.state is JobState.succeeded and r.attempts == 1 for r in records)
     by_worker = Counter(r.worker for r in records)
@@ -70,11 +75,25 @@ def test_flower_lists_the_worker_and_its_finished_tasks(tmp_path):
     with LocalStack(tmp_path) as stack:
         flower = stack.spawn(
             "flower",
-            [sys.executable, "-m", "celery", "--broker", stack.settings.redis_url, "flower",
-             f"--port={port}", "--address=127.0.0.1", f"--basic-auth={auth[0]}:{auth[1]}"],
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "--broker",
+                stack.settings.redis_url,
+                "flower",
+                f"--port={port}",
+                "--address=127.0.0.1",
+                f"--basic-auth={auth[0]}:{auth[1]}",
+            ],
         )
         api = f"http://127.0.0.1:{port}/api"
-        wait_until(lambda: httpx.get(f"{api}/workers", auth=auth).status_code == 200, timeout_s=60, what="flower", process=flower)
+        wait_until(
+            lambda: httpx.get(f"{api}/workers", auth=auth).status_code == 200,
+            timeout_s=60,
+            what="flower",
+            process=flower,
+        )
         stack.start_worker("worker")
         client = Client(stack.settings)
         seen: list = []
@@ -92,7 +111,9 @@ def test_flower_lists_the_worker_and_its_finished_tasks(tmp_path):
 
         wait_until(a_job_seen_finished, timeout_s=90, what="flower receiving events")
         # From then on every finished job is listed.
-        records = [client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE).wait(60) for s in range(100, 102)]
+        records = [
+            client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE).wait(60) for s in range(100, 102)
+        ]
         wait_until(lambda: finished_in_flower(records), timeout_s=60, what="tasks in flower")
 
         def worker_listed() -> bool:

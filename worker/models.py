@@ -76,13 +76,13 @@ def load_pipeline(
 def make_batch_invariant(pipe: FluxPipeline) -> None:
     """Make each image independent of the batch it runs in, bit for bit (CPU fp32).
 
-    Measured here: a batch and single calls differ by ~3e-6 (one 8-bit pixel in 1e5) for
+    Without this, a batch and single calls differ in the last bits (README, "Batching and scheduling") for
     two reasons. The BLAS kernel for a matrix multiply with 1-2 rows differs from the one
     for more rows, which hits the transformer's (B, C) conditioning layers (timestep,
     guidance and pooled-text embeddings, AdaLN modulation); and the VAE's convolutions pick
     their algorithm by batch size. Running those linears one row at a time and decoding
     one image at a time (diffusers' VAE slicing) removes both; the linears are tiny, so
-    it costs next to nothing. Sequence-shaped (B, T, C) inputs are unaffected.
+    it costs little (README). Sequence-shaped (B, T, C) inputs are unaffected.
     """
     for module in pipe.transformer.modules():
         if isinstance(module, torch.nn.Linear):
