@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from refiner.metrics import high_frequency_energy
 from refiner.networks import RefinerUNet, count_parameters
 
 CONFIG_NAME = "config.json"
@@ -46,9 +47,24 @@ class Refiner:
         The images may live on any device and dtype: they run on the network's, and come
         back on their own.
         """
-        x = images.to(device=self.network.device, dtype=self.network.dtype)
-        refined = self.network(x).clamp_(0.0, 1.0)
+        _, refined = self._run(images)
         return refined.to(device=images.device, dtype=images.dtype)
+
+    @torch.inference_mode()
+    def refine_and_score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`__call__`, plus each image's detail ratio, `(B,)` float32 on the images' device:
+        the refined image's high-frequency energy over its input's, computed where the images
+        already are. A refiner restores detail (ratio above 1); one that blurs scores below."""
+        x, refined = self._run(images)
+        # An input with no detail at all (a flat image) has no ratio to speak of: 1.
+        before, after = high_frequency_energy(x), high_frequency_energy(refined)
+        ratio = torch.where(before > 0, after / before.clamp(min=torch.finfo(torch.float32).tiny), 1.0)
+        return refined.to(device=images.device, dtype=images.dtype), ratio.to(images.device)
+
+    def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input and its refinement, both on the network's device and in its dtype."""
+        x = images.to(device=self.network.device, dtype=self.network.dtype)
+        return x, self.network(x).clamp_(0.0, 1.0)
 
 
 def load_refiner(

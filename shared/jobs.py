@@ -139,7 +139,7 @@ class PairSpec(_JobSpec):
     """One training pair: the same prompt and seed through the student and the teacher.
 
     Written to ``<dataset>/pairs/<pair_id>/{student,teacher}.png`` and
-    ``<dataset>/manifest/<pair_id>.json`` (the layout ``refiner.data`` reads).
+    ``<dataset>/manifest/<pair_id>.json`` (``shared.datasets``).
     """
 
     kind: Literal[JobKind.pair] = JobKind.pair
@@ -191,6 +191,14 @@ class JobResult(BaseModel):
     files: dict[str, str] = Field(default_factory=dict)  # pair jobs: student, teacher, manifest
 
 
+class Quality(BaseModel):
+    """The refined image's no-reference detail score, and whether it looks wrong."""
+
+    detail_ratio: float  # high-frequency energy of the refined image over its input's
+    flagged: bool = False
+    reason: str | None = None
+
+
 class CallbackStatus(BaseModel):
     url: str
     attempts: int = 0
@@ -221,6 +229,7 @@ class JobRecord(BaseModel):
     generator: str | None = None  # the preset that generated the image
     refiner: str | None = None  # which refiner ran ("identity" when none is configured)
     result: JobResult | None = None
+    quality: Quality | None = None  # refined jobs only
     batch_size: int | None = None  # how many jobs shared its model call
     # Milliseconds per stage: queue_wait, load_input, batch_wait, generate, refine, encode,
     # upload, total. generate and refine are those of the whole batch the job ran in.

@@ -107,6 +107,16 @@ class Settings(BaseSettings):
     callback_backoff_max_s: int = Field(600, gt=0)
     callback_on_running: bool = False
 
+    # Quality: every refined image's detail ratio (its high-frequency energy over its
+    # input's) is scored, and a job is flagged when the ratio leaves [min, max], or lies more
+    # than quality_max_sigmas robust sigmas from the running median of its refiner version's
+    # last quality_window scores (once quality_min_samples have been seen).
+    quality_min_detail_ratio: float = Field(0.9, ge=0)
+    quality_max_detail_ratio: float = Field(4.0, gt=0)
+    quality_max_sigmas: float = Field(4.0, gt=0)
+    quality_window: int = Field(1000, ge=2)
+    quality_min_samples: int = Field(50, ge=2)
+
     @field_validator("callback_allowlist", "s3_input_buckets", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:

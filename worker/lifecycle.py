@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from shared.errors import RefineryError
-from shared.jobs import JobError, JobKind, JobRecord, JobResult, JobState, utcnow
+from shared.jobs import JobError, JobKind, JobRecord, JobResult, JobState, Quality, utcnow
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore
@@ -47,6 +47,7 @@ class Outcome:
     result: JobResult | None  # None when the job was cancelled while it ran
     refiner: str | None  # the refiner version that ran, if any
     batch_size: int
+    quality: Quality | None = None
 
 
 class JobRunner:
@@ -179,7 +180,7 @@ class JobRunner:
         if self.store.get(record.job_id).state is JobState.cancelled:
             return Outcome(None, None, batched.batch_size)  # cancelled while running: publish nothing
         published = handler.publish(record, batched.result, timer)
-        return Outcome(published.result, published.refiner, batched.batch_size)
+        return Outcome(published.result, published.refiner, batched.batch_size, published.quality)
 
     def _finish(
         self,
@@ -205,6 +206,7 @@ class JobRunner:
             record.generator = handler.generator if (handler := self.handlers.by_kind.get(record.kind)) else None
             if outcome is not None:
                 record.result, record.refiner, record.batch_size = outcome.result, outcome.refiner, outcome.batch_size
+                record.quality = outcome.quality
             timer.ms["total"] = round((record.finished_at - record.created_at).total_seconds() * 1000, 3)
             record.timings_ms = timer.ms
             return record

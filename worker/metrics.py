@@ -40,6 +40,13 @@ JOB_SECONDS = Histogram(
 BATCH_SIZE = Histogram("refinery_batch_size", "Jobs run together in one model call.", ["kind"], buckets=_BATCH_BUCKETS)
 MODEL_LOAD = Gauge("refinery_model_load_seconds", "Seconds it took to load a resident model.", ["model"])
 GPU_MEMORY = Gauge("refinery_gpu_memory_bytes", "CUDA memory held by this worker's process.", ["kind"])
+DETAIL_RATIO = Histogram(
+    "refinery_detail_ratio",
+    "Refined image's high-frequency energy over its input's, per refiner version.",
+    ["refiner"],
+    buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 4, 8),
+)
+QUALITY_FLAGGED = Counter("refinery_quality_flagged", "Refined jobs whose detail ratio looked wrong.", ["refiner"])
 WORKER = Info("refinery_worker", "What this worker serves.")
 
 _server_lock = threading.Lock()
@@ -88,6 +95,10 @@ def observe_job(record: JobRecord) -> None:
     if "total" in timings:
         JOB_SECONDS.labels(kind=kind).observe(timings["total"] / 1000)
     BATCH_SIZE.labels(kind=kind).observe(record.batch_size or 1)
+    if record.quality is not None and record.refiner is not None:
+        DETAIL_RATIO.labels(refiner=record.refiner).observe(record.quality.detail_ratio)
+        if record.quality.flagged:
+            QUALITY_FLAGGED.labels(refiner=record.refiner).inc()
     update_gpu_memory()
 
 

@@ -14,9 +14,11 @@ import torch
 from diffusers import FluxPipeline
 
 from refiner import Refiner, load_refiner
+from shared.jobs import Quality
 from shared.presets import Preset, get_preset
 from shared.settings import Settings
 from worker.models import load_pipeline, make_batch_invariant, resolve_device, resolve_dtype, warm_up
+from worker.quality import QualityMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ class ModelRegistry:
         mode = settings.batch_invariant
         self.batch_invariant = mode == "on" or (mode == "auto" and self.device.type == "cpu")
         self.load_seconds: dict[str, float] = {}
+        self.quality = QualityMonitor(settings)
 
     @cached_property
     def pipeline(self) -> FluxPipeline:
@@ -71,12 +74,16 @@ class ModelRegistry:
         logger.info("loaded refiner %s", refiner.version)
         return refiner
 
-    def refine(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> refined, one call (or one per image when batch-invariant,
-        since convolution algorithms are chosen by batch size)."""
+    def refine(self, images: torch.Tensor) -> tuple[torch.Tensor, list[Quality]]:
+        """(B, 3, H, W) in [0, 1] -> refined, and each image's judged detail ratio. One call
+        (or one per image when batch-invariant, since convolution algorithms are chosen by
+        batch size)."""
         if self.batch_invariant:
-            return torch.cat([self.refiner(image) for image in images.split(1)])
-        return self.refiner(images)
+            parts = [self.refiner.refine_and_score(image) for image in images.split(1)]
+            refined, ratios = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        else:
+            refined, ratios = self.refiner.refine_and_score(images)
+        return refined, [self.quality.judge(self.refiner.version, ratio) for ratio in ratios.tolist()]
 
     def warm_up(self, pipelines: set[str]) -> None:
         """Load (and run once) the pipelines this worker's job kinds use ("pipeline",
@@ -85,7 +92,7 @@ class ModelRegistry:
             if name in pipelines:
                 warm_up(getattr(self, name), preset)
         side = self.preset.min_size
-        self.refine(torch.zeros(1, 3, side, side))
+        self.refiner.refine_and_score(torch.zeros(1, 3, side, side))  # not judged: not a job
 
     def describe(self) -> dict[str, object]:
         info: dict[str, object] = {

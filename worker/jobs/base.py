@@ -15,7 +15,7 @@ import torch
 
 from refiner.pixels import to_pil
 from shared.images import CONTENT_TYPES, EXTENSIONS, Provenance, encode_image
-from shared.jobs import JobKind, JobRecord, JobResult
+from shared.jobs import JobKind, JobRecord, JobResult, Quality
 from shared.storage import Storage
 from worker.timing import StageTimer
 
@@ -33,6 +33,7 @@ class BatchKey:
 class Published:
     result: JobResult
     refiner: str | None  # the refiner version that ran, if any
+    quality: Quality | None = None
 
 
 class JobHandler(Protocol):
@@ -62,6 +63,7 @@ class ModelOutput:
     raw: torch.Tensor  # (3, H, W) in [0, 1]: the generated or input image
     refined: torch.Tensor | None  # (3, H, W), None when the job did not ask for refinement
     refiner: str | None  # the refiner version that made ``refined``
+    quality: Quality | None  # ``refined``'s judged detail ratio
     timings_ms: dict[str, float]  # of the whole batch
 
 
@@ -90,4 +92,4 @@ def publish_image(
         height=final.shape[-2],
         format=fmt,
     )
-    return Published(result, output.refiner)
+    return Published(result, output.refiner, output.quality)

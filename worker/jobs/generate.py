@@ -65,13 +65,15 @@ class GenerateJob:
                 max_sequence_length=self.models.preset.max_sequence_length,
             )  # (B, 3, H, W)
         wanted = [i for i, item in enumerate(items) if item.refine]
-        refined = {}
+        refined, quality = {}, {}
         if wanted:
             with timer("refine"):
-                refined = dict(zip(wanted, self.models.refine(images[wanted]), strict=True))
+                outputs, judged = self.models.refine(images[wanted])
+            refined, quality = dict(zip(wanted, outputs, strict=True)), dict(zip(wanted, judged, strict=True))
         version = self.models.refiner.version
         return [
-            ModelOutput(images[i], refined.get(i), version if i in refined else None, timer.ms) for i in range(len(items))
+            ModelOutput(images[i], refined.get(i), version if i in refined else None, quality.get(i), timer.ms)
+            for i in range(len(items))
         ]
 
     def publish(self, record: JobRecord, output: ModelOutput, timer: StageTimer) -> Published:

@@ -45,9 +45,12 @@ class RefineJob:
     def run_batch(self, key: RefineKey, items: list[torch.Tensor]) -> list[ModelOutput]:
         timer = StageTimer()
         with timer("refine"):
-            refined = self.models.refine(torch.stack(items))
+            refined, judged = self.models.refine(torch.stack(items))
         version = self.models.refiner.version
-        return [ModelOutput(raw, out, version, timer.ms) for raw, out in zip(items, refined, strict=True)]
+        return [
+            ModelOutput(raw, out, version, quality, timer.ms)
+            for raw, out, quality in zip(items, refined, judged, strict=True)
+        ]
 
     def publish(self, record: JobRecord, output: ModelOutput, timer: StageTimer) -> Published:
         provenance = Provenance(
