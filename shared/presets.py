@@ -25,6 +25,10 @@ class Preset:
     max_sequence_length: int
     # Smallest width/height the preset is used at.
     min_size: int
+    # Whether a pairs worker lends this student's VAE to its teacher (as FLUX's pair share
+    # one). The offline student decodes through a low-passed VAE of its own instead: that
+    # is how the double loses detail (worker/tiny_flux.py).
+    lends_vae: bool = True
 
     def check_size(self, width: int, height: int) -> None:
         for field, value in (("width", width), ("height", height)):
@@ -40,7 +44,7 @@ PRESETS: dict[str, Preset] = {
         # Offline test doubles of the pair above: same FluxPipeline class, tiny random
         # weights (worker/tiny_flux.py). Their images are not portraits. 77 tokens, like
         # the CLIP window, so both text encoders see the same prompt.
-        Preset("tiny-schnell", None, 4, 0.0, True, 77, MIN_SIZE_TINY),
+        Preset("tiny-schnell", None, 4, 0.0, True, 77, MIN_SIZE_TINY, lends_vae=False),
         Preset("tiny-dev", None, 28, 3.5, True, 77, MIN_SIZE_TINY),
         # A larger random-weight schnell double, sized for the throughput benchmark.
         Preset("bench-schnell", None, 4, 0.0, True, 77, MIN_SIZE_TINY),

@@ -8,6 +8,7 @@ so tests exercise the loading path production uses.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 # What FLUX.1-schnell and FLUX.1-dev have in common: a worker holding both keeps one copy.
 SHARED_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def lent_components(pipe: FluxPipeline, preset: Preset) -> dict[str, Any]:
+    """The components a loaded student lends its teacher (``load_pipeline(shared=...)``)."""
+    return {name: getattr(pipe, name) for name in SHARED_COMPONENTS if name != "vae" or preset.lends_vae}
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -45,11 +51,11 @@ def load_pipeline(
     cache_dir: Path,
     device: torch.device,
     dtype: torch.dtype,
-    share_from: FluxPipeline | None = None,
+    shared: dict[str, Any] | None = None,
     cpu_offload: bool = False,
     vae_tiling: bool = False,
 ) -> FluxPipeline:
-    """Load ``preset`` onto ``device``; ``share_from`` lends its VAE, text encoders and tokenizers.
+    """Load ``preset`` onto ``device``, reusing the ``shared`` components (``lent_components``).
 
     ``model_path`` overrides a real preset's hub id; the tiny presets ignore it, being
     built locally into ``cache_dir`` and loaded from there without touching the hub.
@@ -60,8 +66,7 @@ def load_pipeline(
     else:
         source, hub = model_path or preset.model_id, {}
     # Components passed by name are used as given instead of being loaded again.
-    shared = {name: getattr(share_from, name) for name in SHARED_COMPONENTS} if share_from else {}
-    pipe = FluxPipeline.from_pretrained(source, dtype=dtype, **shared, **hub)
+    pipe = FluxPipeline.from_pretrained(source, dtype=dtype, **(shared or {}), **hub)
     if cpu_offload:
         # Each component moves to the GPU only while it runs: slower, but fits small GPUs.
         pipe.enable_model_cpu_offload(device=device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from functools import cached_property
+from typing import Any
 
 import torch
 from diffusers import FluxPipeline
@@ -17,7 +18,7 @@ from refiner import Refiner, load_refiner
 from shared.jobs import Quality
 from shared.presets import Preset, get_preset
 from shared.settings import Settings
-from worker.models import load_pipeline, make_batch_invariant, resolve_device, resolve_dtype, warm_up
+from worker.models import lent_components, load_pipeline, make_batch_invariant, resolve_device, resolve_dtype, warm_up
 from worker.quality import QualityMonitor
 
 logger = logging.getLogger(__name__)
@@ -42,13 +43,13 @@ class ModelRegistry:
     @cached_property
     def teacher(self) -> FluxPipeline:
         """The dataset pairs' teacher; it shares the student's VAE and text encoders."""
-        return self._load(self.teacher_preset, self.settings.teacher_path, share_from=self.pipeline)
+        return self._load(self.teacher_preset, self.settings.teacher_path, lent_components(self.pipeline, self.preset))
 
     @cached_property
     def teacher_preset(self) -> Preset:
         return get_preset(self.settings.teacher_preset)
 
-    def _load(self, preset: Preset, model_path: str | None, share_from: FluxPipeline | None = None) -> FluxPipeline:
+    def _load(self, preset: Preset, model_path: str | None, shared: dict[str, Any] | None = None) -> FluxPipeline:
         started = time.perf_counter()
         pipe = load_pipeline(
             preset,
@@ -56,7 +57,7 @@ class ModelRegistry:
             cache_dir=self.settings.model_cache_dir,
             device=self.device,
             dtype=self.dtype,
-            share_from=share_from,
+            shared=shared,
             cpu_offload=self.settings.cpu_offload,
             vae_tiling=self.settings.vae_tiling,
         )

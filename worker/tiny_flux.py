@@ -211,7 +211,6 @@ def _shared_components() -> dict:
             feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
             pad_token_id=vocab["<pad>"],
             eos_token_id=vocab["</s>"],
-            decoder_start_token_id=vocab["<pad>"],
         )
     )
     return {
