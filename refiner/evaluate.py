@@ -1,9 +1,12 @@
 """Evaluate a refiner on held-out pairs: how close to the teacher it gets, for whom, at what cost.
 
     refinery eval --data DIR --refiner DIR [--out DIR] [--split val] [--inception-weights FILE]
+                  [--bootstrap 100]
 
 One pass over the split's pairs refines each student image and scores student, refined and
-the affine colour-correction baseline against the teacher (`refiner.metrics`), then writes
+the affine colour-correction baseline against the teacher (`refiner.metrics`); FID and KID
+get 95% intervals from bootstrap resamples of the pairs, recomputed from the features the
+extractor gave once. Then it writes
 
     out/metrics.json   the numbers, for tools (keys listed in `evaluate`)
     out/report.md      the numbers with their definitions, for people (`refiner.report`)
@@ -33,8 +36,18 @@ from refiner.baseline import apply_affine, fit_affine
 from refiner.data import PairDataset, batched_pairs
 from refiner.export import CARD_NAME, Refiner, load_refiner, read_card
 from refiner.extractors import build_extractor
-from refiner.metrics import FREQUENCIES, HF_CUTOFF, fid_gap, fid_kid, paired_scores, quantize, spectral_scores
-from refiner.report import fmt, plot_spectra, sample_grid, write_report
+from refiner.metrics import (
+    FREQUENCIES,
+    HF_CUTOFF,
+    bootstrap_fid_kid,
+    fid_gap,
+    fid_kid,
+    paired_scores,
+    percentile_interval,
+    quantize,
+    spectral_scores,
+)
+from refiner.report import fmt, fmt_interval, plot_spectra, sample_grid, write_report
 from shared.datasets import ManifestRow
 
 logger = logging.getLogger(__name__)
@@ -45,6 +58,44 @@ DEFAULT_VAL_FRACTION = 0.1  # PairDataset's and training's default
 SAMPLE_PAIRS = 8
 AFFINE_FIT_PAIRS = 1024  # as training fits it
 SETS = ("student", "refined", "teacher")
+BOOTSTRAP_RESAMPLES = 100
+CONFIDENCE = 0.95
+
+
+def comparability(extractor_name: str, calibrated: bool) -> str:
+    """The plain statement `fid.comparable_with` records: which other FIDs these may be set against."""
+    if calibrated:
+        return (
+            "standard FID (pytorch-fid's InceptionV3, 2048-d pool features): comparable with other standard "
+            "FIDs computed on the same number of images at the same resolution"
+        )
+    return (
+        f"only FIDs computed with this same extractor ({extractor_name}) on the same number of images; "
+        "not with published FIDs, nor with FIDs from any other extractor"
+    )
+
+
+def bootstrap_intervals(
+    feats: dict[str, torch.Tensor], points: dict[str, dict[str, float]], resamples: int, seed: int
+) -> dict[str, list[float] | None]:
+    """95% intervals of FID, KID (student and refined, against the teacher) and FIDdiff from
+    `resamples` bootstrap resamples of the pairs (`refiner.metrics.bootstrap_fid_kid`), each
+    centred on its full-sample value `points` (`percentile_interval`). Keys `fid_student`,
+    `fid_refined`, `fiddiff`, `kid_student`, `kid_refined`; all `None` with no resamples."""
+    keys = ("fid_student", "fid_refined", "fiddiff", "kid_student", "kid_refined")
+    if resamples == 0:
+        return dict.fromkeys(keys)
+    values = bootstrap_fid_kid(
+        feats["teacher"], {"student": feats["student"], "refined": feats["refined"]}, resamples, seed
+    )
+    fiddiff = values["student"]["fid"] - values["refined"]["fid"]  # (B,): same resample on both sides
+    return {
+        "fid_student": percentile_interval(values["student"]["fid"], points["student"]["fid"], CONFIDENCE),
+        "fid_refined": percentile_interval(values["refined"]["fid"], points["refined"]["fid"], CONFIDENCE),
+        "fiddiff": percentile_interval(fiddiff, points["student"]["fid"] - points["refined"]["fid"], CONFIDENCE),
+        "kid_student": percentile_interval(values["student"]["kid"], points["student"]["kid"], CONFIDENCE),
+        "kid_refined": percentile_interval(values["refined"]["kid"], points["refined"]["kid"], CONFIDENCE),
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -134,25 +185,33 @@ def evaluate(
     inception_weights: Path | None = None,
     limit: int | None = None,
     val_fraction: float | None = None,
+    bootstrap: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Score the refiner at `refiner` (`None`: the identity) on the pairs of `split` in `data`,
     write the report to `out`, and return what `out/metrics.json` holds:
 
     `paired.{student,refined}.{l1,psnr,ssim}`, `paired.affine.l1`,
     `fid.{student_teacher,refined_teacher,fiddiff,gap_closed,extractor}`,
-    `kid.{student_teacher,refined_teacher}`, `detail.{student_hf_ratio,refined_hf_ratio}`,
-    `cost.{student_ms,teacher_ms,refiner_ms,reduction}`, `fairness`, `pairs`, `split`,
+    `fid.{student_teacher_ci,refined_teacher_ci,fiddiff_ci}` (`[lo, hi]`, 95%),
+    `fid.calibrated` (the standard InceptionV3 or not), `fid.comparable_with` (a sentence),
+    `kid.{student_teacher,refined_teacher}`, `kid.{student_teacher_ci,refined_teacher_ci}`,
+    `detail.{student_hf_ratio,refined_hf_ratio}`, `cost.{student_ms,teacher_ms,refiner_ms,reduction}`,
+    `bootstrap.{resamples,confidence,seed,method}`, `fairness`, `pairs`, `split`,
     `refiner_version`. A score that cannot be computed (no timings in the manifest, a
-    teacher without detail) is `null`.
+    teacher without detail; intervals with `bootstrap=0`) is `null`.
 
     `limit` scores the first pairs of the split by id; `val_fraction` defaults to the one the
-    refiner was trained with (its `refiner.json`), else 0.1.
+    refiner was trained with (its `refiner.json`), else 0.1. `bootstrap` is the number of
+    resamples of the pairs behind each interval (0: none); `seed` fixes them and KID's subsets.
     """
     # 1. Check inputs; the refiner, its training card and the split it was validated on.
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 2:
         raise ValueError(f"limit must be >= 2 (FID needs two images per set), got {limit}")
+    if bootstrap < 0:
+        raise ValueError(f"bootstrap must be >= 0 resamples (0: no intervals), got {bootstrap}")
     card = read_card(refiner)
     if val_fraction is None:
         val_fraction = card.get("data", {}).get("val_fraction", DEFAULT_VAL_FRACTION)
@@ -193,10 +252,13 @@ def evaluate(
     scores = {key: torch.cat(values) for key, values in per_pair.items()}
     feats = {name: torch.cat(values) for name, values in features.items()}  # (N, D) each
 
-    # 3. Distribution scores: each set's features against the teacher's.
-    student_dist = fid_kid(feats["teacher"], feats["student"])
-    refined_dist = fid_kid(feats["teacher"], feats["refined"])
+    # 3. Distribution scores: each set's features against the teacher's, and their intervals
+    #    from resampling the pairs (the features are reused: the extractor ran once).
+    student_dist = fid_kid(feats["teacher"], feats["student"], seed)
+    refined_dist = fid_kid(feats["teacher"], feats["refined"], seed)
     fiddiff, gap_closed = fid_gap(student_dist["fid"], refined_dist["fid"])
+    ci = bootstrap_intervals(feats, {"student": student_dist, "refined": refined_dist}, bootstrap, seed)
+    calibrated = inception_weights is not None
 
     # 4. Cost: generation from the manifest (timed where the pairs were made), refinement here.
     rows = dataset.rows[:count]
@@ -217,13 +279,30 @@ def evaluate(
             "fiddiff": fiddiff,
             "gap_closed": gap_closed,
             "extractor": extractor.name,
+            "student_teacher_ci": ci["fid_student"],
+            "refined_teacher_ci": ci["fid_refined"],
+            "fiddiff_ci": ci["fiddiff"],
+            "calibrated": calibrated,
+            "comparable_with": comparability(extractor.name, calibrated),
         },
-        "kid": {"student_teacher": student_dist["kid"], "refined_teacher": refined_dist["kid"]},
+        "kid": {
+            "student_teacher": student_dist["kid"],
+            "refined_teacher": refined_dist["kid"],
+            "student_teacher_ci": ci["kid_student"],
+            "refined_teacher_ci": ci["kid_refined"],
+        },
         "detail": {
             "student_hf_ratio": _ratio(scores["student_hf"].sum().item(), teacher_hf),
             "refined_hf_ratio": _ratio(scores["refined_hf"].sum().item(), teacher_hf),
         },
         "cost": {"student_ms": student_ms, "teacher_ms": teacher_ms, "refiner_ms": refiner_ms, "reduction": reduction},
+        "bootstrap": {
+            "resamples": bootstrap,
+            "confidence": CONFIDENCE,
+            "seed": seed,
+            "method": "pairs resampled with replacement (student, refined and teacher together); "
+            "percentile interval of the resampled values, shifted so their median is the full-sample value",
+        },
         "fairness": fairness_breakdown(rows, scores),
         "pairs": count,
         "split": split,
@@ -241,7 +320,7 @@ def evaluate(
         "device": str(device),
         "batch_size": batch_size,
         "affine_source": affine_source,
-        "calibrated": inception_weights is not None,
+        "calibrated": calibrated,
         "kid_std": {"student": student_dist["kid_std"], "refined": refined_dist["kid_std"]},
         "cutoff": HF_CUTOFF,
     }
@@ -269,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--val-fraction", type=float, default=None, help="default: the refiner's training value, else 0.1")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=BOOTSTRAP_RESAMPLES,
+        metavar="N",
+        help="resamples of the pairs behind the 95%% intervals of FID and KID (0: no intervals)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples and KID's subsets")
     return p
 
 
@@ -286,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         inception_weights=args.inception_weights,
         limit=args.limit,
         val_fraction=args.val_fraction,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
     )
     p, fid, cost = m["paired"], m["fid"], m["cost"]
     print(f"{m['pairs']} {m['split']} pairs, refiner {m['refiner_version']}")
@@ -294,9 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         f"refined {p['refined']['l1']:.5f}"
     )
     print(
-        f"FID to teacher [{fid['extractor']}]: student {fid['student_teacher']:.3f}  refined "
-        f"{fid['refined_teacher']:.3f}  FIDdiff {fid['fiddiff']:.3f}  gap closed {fmt(fid['gap_closed'], '.1%')}"
+        f"FID to teacher: student {fid['student_teacher']:.3f}{fmt_interval(fid['student_teacher_ci'], '.3f')}  "
+        f"refined {fid['refined_teacher']:.3f}{fmt_interval(fid['refined_teacher_ci'], '.3f')}  "
+        f"FIDdiff {fid['fiddiff']:.3f}{fmt_interval(fid['fiddiff_ci'], '.3f')}  gap closed {fmt(fid['gap_closed'], '.1%')}"
     )
+    print(f"FID extractor: {fid['extractor']}; comparable with {fid['comparable_with']}")
     print(
         f"HF energy / teacher: student {fmt(m['detail']['student_hf_ratio'], '.3f')}  "
         f"refined {fmt(m['detail']['refined_hf_ratio'], '.3f')}"

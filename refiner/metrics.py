@@ -193,14 +193,23 @@ def _kid_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _weighted_mmd(k_xx: torch.Tensor, k_yy: torch.Tensor, k_xy: torch.Tensor, weights: torch.Tensor) -> float:
     """KID's unbiased MMD^2 on the resample that takes pair k `weights[k]` times, from the kernel
-    matrices of the full sets. The within-set sums skip every pair of positions holding the same
-    image, not only i == j: a drawn-twice image's k(x, x) would otherwise enter as if it were two
-    images, inflating the score. With unit weights this is `poly_mmd` on the full sets."""
+    matrices of the full sets; with unit weights, exactly `poly_mmd` on the full sets.
+
+    Two positions i != j of the resample holding the same pair are left out of every sum:
+    KID's within-set sums skip i == j (k(x, x) is no evidence about two images), and its
+    cross sum counts each pair's own k(x_i, y_i) once per position, not once per position
+    of a copy. Counted in, a drawn-twice image would pull every resample's KID away from
+    the full sample's.
+    """
     m, ties = weights.sum(), weights.square()
-    within = (weights @ k_xx @ weights - ties @ k_xx.diagonal() + weights @ k_yy @ weights - ties @ k_yy.diagonal()) / (
-        m * m - ties.sum()
-    )
-    return (within - 2 * (weights @ k_xy @ weights) / m**2).item()
+    off_ties = m * m - ties.sum()  # positions i != j holding different pairs
+
+    def mean_between_pairs(kernel: torch.Tensor) -> torch.Tensor:  # over positions holding different pairs
+        return (weights @ kernel @ weights - ties @ kernel.diagonal()) / off_ties
+
+    within = mean_between_pairs(k_xx) + mean_between_pairs(k_yy)
+    cross = ((m * m - m) * mean_between_pairs(k_xy) + weights @ k_xy.diagonal()) / (m * m)
+    return (within - 2 * cross).item()
 
 
 def bootstrap_fid_kid(

@@ -92,16 +92,35 @@ def fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def fmt_interval(interval: list[float] | None, spec: str = ".4f") -> str:
+    """` [lo, hi]` for a bootstrap interval, or `""` when none was computed."""
+    return "" if interval is None else f" [{format(interval[0], spec)}, {format(interval[1], spec)}]"
+
+
 def write_report(path: Path, metrics: dict[str, Any], context: dict[str, Any]) -> None:
     """The markdown report: `metrics` as in metrics.json, `context` the facts around them
     (data, device, affine source, extractor calibration, KID spread, cutoff)."""
     p, fid, kid, detail, cost = metrics["paired"], metrics["fid"], metrics["kid"], metrics["detail"], metrics["cost"]
+    boot = metrics["bootstrap"]
+    interval_note = f" [{boot['confidence']:.0%} interval]" if boot["resamples"] else ""
+    bootstrap_lines = (
+        [
+            f"Intervals in brackets: {boot['confidence']:.0%} bootstrap intervals from {boot['resamples']} resamples "
+            f"(seed {boot['seed']}): {boot['method']}. The features are the ones extracted once; only the",
+            "choice of pairs varies. The shift is needed because FID grows as distinct images get fewer, and a",
+            "resample holds about 63% of them. Two FIDs whose intervals do not overlap differ beyond the noise of",
+            "which pairs were drawn (not beyond the noise of generating new ones).",
+            "",
+        ]
+        if boot["resamples"]
+        else []
+    )
     lines = [
         "# Refiner evaluation",
         "",
         f"- data: `{context['data']}`, split `{metrics['split']}`, {metrics['pairs']} pairs",
         f"- refiner: `{metrics['refiner_version']}`, run on `{context['device']}`",
-        f"- feature extractor: `{fid['extractor']}`",
+        f"- feature extractor: `{fid['extractor']}`; its FIDs compare with {fid['comparable_with']}",
         f"- affine baseline: {context['affine_source']}",
         "",
     ]
@@ -109,7 +128,8 @@ def write_report(path: Path, metrics: dict[str, Any], context: dict[str, Any]) -
         lines += [
             "> **Warning: uncalibrated FID/KID.** No InceptionV3 weights file was given, so the features come",
             "> from a fixed-seed random conv net. These values rank refiners on this dataset; they are",
-            "> **not** comparable with published FIDs. Pass `--inception-weights pt_inception-2015-12-05-*.pth`.",
+            "> **not** comparable with published FIDs, nor with FIDs from any other extractor. Pass",
+            "> `--inception-weights pt_inception-2015-12-05-*.pth` for the standard FID.",
             "",
         ]
     lines += [
@@ -121,15 +141,19 @@ def write_report(path: Path, metrics: dict[str, Any], context: dict[str, Any]) -
         f"| {fmt(p['affine']['l1'], '.5f')} |",
         f"| PSNR dB | {fmt(p['student']['psnr'], '.2f')} | {fmt(p['refined']['psnr'], '.2f')} | |",
         f"| SSIM | {fmt(p['student']['ssim'])} | {fmt(p['refined']['ssim'])} | |",
-        f"| FID | {fmt(fid['student_teacher'], '.3f')} | {fmt(fid['refined_teacher'], '.3f')} | |",
-        f"| KID (± std over subsets) | {fmt(kid['student_teacher'], '.5f')} "
-        f"± {fmt(context['kid_std']['student'], '.5f')} "
-        f"| {fmt(kid['refined_teacher'], '.5f')} ± {fmt(context['kid_std']['refined'], '.5f')} | |",
+        f"| FID{interval_note} | {fmt(fid['student_teacher'], '.3f')}{fmt_interval(fid['student_teacher_ci'], '.3f')} "
+        f"| {fmt(fid['refined_teacher'], '.3f')}{fmt_interval(fid['refined_teacher_ci'], '.3f')} | |",
+        f"| KID (± std over subsets){interval_note} | {fmt(kid['student_teacher'], '.5f')} "
+        f"± {fmt(context['kid_std']['student'], '.5f')}{fmt_interval(kid['student_teacher_ci'], '.5f')} "
+        f"| {fmt(kid['refined_teacher'], '.5f')} ± {fmt(context['kid_std']['refined'], '.5f')}"
+        f"{fmt_interval(kid['refined_teacher_ci'], '.5f')} | |",
         f"| HF energy / teacher's (1 is the teacher's detail) | {fmt(detail['student_hf_ratio'], '.3f')} "
         f"| {fmt(detail['refined_hf_ratio'], '.3f')} | |",
         "",
-        f"**FIDdiff = {fmt(fid['fiddiff'], '.3f')}, gap closed = {fmt(fid['gap_closed'], '.1%')}.**",
+        f"**FIDdiff = {fmt(fid['fiddiff'], '.3f')}{fmt_interval(fid['fiddiff_ci'], '.3f')}, "
+        f"gap closed = {fmt(fid['gap_closed'], '.1%')}.**",
         "",
+        *bootstrap_lines,
         "Definitions (the paper names an FID-based difference score without publishing its formula):",
         "FIDdiff = FID(student, teacher) - FID(refined, teacher), positive when the refiner moves the",
         "student's images towards the teacher's distribution; gap closed = 1 - FID(refined, teacher) /",

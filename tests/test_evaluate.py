@@ -20,9 +20,9 @@ from PIL import Image
 
 from refiner import RefinerUNet
 from refiner.data import PairDataset
-from refiner.evaluate import FAIRNESS_ATTRIBUTES, evaluate, main
+from refiner.evaluate import FAIRNESS_ATTRIBUTES, bootstrap_intervals, evaluate, main
 from refiner.extractors import InceptionV3FID, build_extractor, load_inception
-from refiner.metrics import fid_gap
+from refiner.metrics import fid_gap, fid_kid
 from shared.datasets import MANIFEST_DIR, ManifestRow, PresetRow, pair_paths
 
 SIZE, PAIRS = 64, 24
@@ -129,10 +129,22 @@ def test_metrics_json_keys_fairness_and_pngs(blurred) -> None:
     assert json.loads((out / "metrics.json").read_text()) == metrics
     expected = {
         "paired": {"student": {"l1", "psnr", "ssim"}, "refined": {"l1", "psnr", "ssim"}, "affine": {"l1"}},
-        "fid": {"student_teacher", "refined_teacher", "fiddiff", "gap_closed", "extractor"},
-        "kid": {"student_teacher", "refined_teacher"},
+        "fid": {
+            "student_teacher",
+            "refined_teacher",
+            "fiddiff",
+            "gap_closed",
+            "extractor",
+            "student_teacher_ci",
+            "refined_teacher_ci",
+            "fiddiff_ci",
+            "calibrated",
+            "comparable_with",
+        },
+        "kid": {"student_teacher", "refined_teacher", "student_teacher_ci", "refined_teacher_ci"},
         "detail": {"student_hf_ratio", "refined_hf_ratio"},
         "cost": {"student_ms", "teacher_ms", "refiner_ms", "reduction"},
+        "bootstrap": {"resamples", "confidence", "seed", "method"},
     }
     assert set(metrics) == {*expected, "fairness", "pairs", "split", "refiner_version"}
     for group, keys in expected.items():
@@ -199,3 +211,63 @@ def test_inception_weights_load_by_name_and_wrong_files_are_refused(tmp_path: Pa
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a pt_inception"):
         load_inception(tmp_path / "other.pth")
+
+
+# --- bootstrap intervals and the extractor's honesty -------------------------------------
+
+
+def test_intervals_contain_the_point_values_and_say_what_compares(blurred, identical, capsys) -> None:
+    metrics, out = blurred
+    fid, kid = metrics["fid"], metrics["kid"]
+    assert metrics["bootstrap"]["resamples"] == 100 and metrics["bootstrap"]["confidence"] == 0.95
+    for interval, value in (
+        (fid["student_teacher_ci"], fid["student_teacher"]),
+        (fid["refined_teacher_ci"], fid["refined_teacher"]),
+        (fid["fiddiff_ci"], fid["fiddiff"]),
+        (kid["student_teacher_ci"], kid["student_teacher"]),
+        (kid["refined_teacher_ci"], kid["refined_teacher"]),
+    ):
+        assert interval[0] <= value + 1e-9 and value - 1e-9 <= interval[1]
+    assert fid["student_teacher_ci"][1] > fid["student_teacher_ci"][0]
+    # The identity refiner: every resample gives refined == student, so FIDdiff is 0 throughout.
+    assert fid["fiddiff_ci"] == pytest.approx([0, 0], abs=1e-6)
+    # Identical sets stay identical under any resample of the pairs.
+    assert identical[0]["fid"]["student_teacher_ci"] == pytest.approx([0, 0], abs=1e-3)
+
+    # Without an InceptionV3 file: not calibrated, and every output says what the FIDs compare with.
+    assert fid["calibrated"] is False
+    assert "not with published FIDs" in fid["comparable_with"] and fid["extractor"] in fid["comparable_with"]
+    report = (out / "report.md").read_text()
+    assert fid["comparable_with"] in report and "bootstrap intervals from 100 resamples" in report
+    RefinerUNet().save_pretrained(out.parent / "untrained")  # zero last conv: the identity
+    argv = ["--data", str(out.parent), "--refiner", str(out.parent / "untrained"), "--out", str(out.parent / "cli")]
+    assert main([*argv, "--split", "all", "--bootstrap", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert f"FID extractor: {fid['extractor']}; comparable with only FIDs computed with this same" in printed
+    no_intervals = json.loads((out.parent / "cli" / "metrics.json").read_text())
+    assert no_intervals["fid"]["student_teacher_ci"] is None and no_intervals["bootstrap"]["resamples"] == 0
+    assert no_intervals["fid"]["student_teacher"] == fid["student_teacher"]  # the point values do not move
+
+
+def test_bootstrap_intervals_are_seeded_and_separate_distinct_sets() -> None:
+    # 200 pairs of 16-d features: the student far from the teacher, the refined one close to it.
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(200, 16, generator=g)
+    feats = {
+        "teacher": teacher,
+        "student": 0.6 * teacher + 0.8 * torch.randn(200, 16, generator=g) + 0.5,
+        "refined": 0.95 * teacher + 0.3 * torch.randn(200, 16, generator=g),
+    }
+    points = {name: fid_kid(teacher, feats[name]) for name in ("student", "refined")}
+    ci = bootstrap_intervals(feats, points, 200, seed=0)
+    for key in ("fid", "kid"):
+        for name in ("student", "refined"):
+            lo, hi = ci[f"{key}_{name}"]
+            assert lo <= points[name][key] <= hi and lo < hi
+        assert ci[f"{key}_refined"][1] < ci[f"{key}_student"][0]  # clearly separated: no overlap
+    assert ci["fiddiff"][0] > 0
+    assert bootstrap_intervals(feats, points, 200, seed=0) == ci  # reproducible
+    assert bootstrap_intervals(feats, points, 200, seed=1) != ci
+    assert bootstrap_intervals(feats, points, 0, seed=0) == dict.fromkeys(ci)
+    with pytest.raises(ValueError, match="bootstrap must be >= 0"):
+        evaluate(Path("unused"), None, Path("unused"), bootstrap=-1)

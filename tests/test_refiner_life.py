@@ -4,8 +4,10 @@ Pairs come from a real pairs worker (tiny-schnell and tiny-dev resident), `refin
 and `refinery eval` run as commands, and a worker started with `REFINERY_REFINER_PATH`
 serves each exported refiner. The acceptance run of the same path (4,096 pairs at 64 px,
 10 minutes of training, 3 seeds) is `benchmarks/refiner_pipeline.py`; this one is sized for
-CI, with the looser bound the issue allows: the paired refiner beats the student by a clear
-margin on held-out pairs, and comes close to the affine colour baseline.
+CI and holds the refiner to the acceptance run's L1 and FID bounds, with a looser detail
+band for its shorter training: on held-out pairs the paired refiner beats the student and
+the affine colour baseline, closes most of the FID gap to the teacher, and brings the
+detail the student lost back near the teacher's.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ from shared.jobs import JobState
 pytestmark = pytest.mark.integration
 
 PAIRS, SIZE = 512, 32
-# L1 alone trains fastest (the paper's loss is covered by tests/test_training.py). Measured at
-# this size: the paper's loss reached 0.88x the student's L1 and 0.99x the affine baseline's
-# in 300 steps on 59 held-out pairs; the bounds leave room for that small a validation set.
-PAIRED_STEPS, BOUND_OVER_STUDENT, BOUND_OVER_AFFINE = 300, 0.92, 1.02
+# L1 alone trains fastest (the paper's loss is covered by tests/test_training.py).
+PAIRED_STEPS, BOUND_OVER_STUDENT, BOUND_OVER_AFFINE = 300, 0.85, 0.95
+# The refined image's high-frequency energy over the teacher's (the student keeps about 0.1).
+DETAIL_BAND = (0.75, 1.25)
 L1_ONLY = ("--gradient-weight", 0, "--perceptual-weight", 0)
 CYCLEGAN_STEPS = 200
 
@@ -88,6 +90,12 @@ def test_paired_refiner_beats_the_student_and_a_worker_serves_it(life) -> None:
     assert refined <= BOUND_OVER_STUDENT * student, (refined, student)
     assert refined <= BOUND_OVER_AFFINE * affine, (refined, affine)
     assert metrics["paired"]["refined"]["psnr"] > metrics["paired"]["student"]["psnr"]
+    fid, detail = metrics["fid"], metrics["detail"]
+    assert fid["refined_teacher"] <= 0.5 * fid["student_teacher"], fid
+    assert fid["refined_teacher_ci"][1] < fid["student_teacher_ci"][0], fid  # intervals apart
+    assert fid["gap_closed"] >= 0.5, fid
+    assert detail["student_hf_ratio"] < 0.6, detail
+    assert DETAIL_BAND[0] <= detail["refined_hf_ratio"] <= DETAIL_BAND[1], detail
     assert metrics["pairs"] == len(list((data / "manifest").glob("*.json"))) - json.loads(
         (run / "refiner" / "refiner.json").read_text())["data"]["train_pairs"]
     _check_served(stack, run / "refiner", data)
