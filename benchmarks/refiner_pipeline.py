@@ -93,6 +93,7 @@ def main() -> None:
         help="sets the lr schedule's length; measured at 64 px here: 55 (default loss), 180 (L1 alone)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arch", default="unet-cbam", help="unet-cbam (paired), cyclegan or esa-cyclegan (unpaired)")
     parser.add_argument("--train-args", default="", help="extra `refinery train` options, e.g. the loss weights")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument(
@@ -133,7 +134,7 @@ def main() -> None:
             "--data",
             str(data),
             "--arch",
-            "unet-cbam",
+            args.arch,
             "--out",
             str(run),
             "--seed",
