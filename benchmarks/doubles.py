@@ -52,15 +52,23 @@ SHEET_ROWS = 6
 CPU = torch.device("cpu")
 
 
-def images(pipe: FluxPipeline, preset: str, prompts: list[str], seeds: list[int], size: int, batch: int) -> torch.Tensor:
+def images(
+    pipe: FluxPipeline, preset: str, prompts: list[str], seeds: list[int], size: int, batch: int
+) -> torch.Tensor:
     """`(N, 3, size, size)` 8-bit-rounded images of `preset`'s steps and guidance, `batch` per call."""
     p = get_preset(preset)
     out = []
     for start in range(0, len(prompts), batch):
         out.append(
             generate(
-                pipe, prompts[start : start + batch], seeds[start : start + batch], width=size, height=size,
-                steps=p.steps, guidance=p.guidance, max_sequence_length=p.max_sequence_length,
+                pipe,
+                prompts[start : start + batch],
+                seeds[start : start + batch],
+                width=size,
+                height=size,
+                steps=p.steps,
+                guidance=p.guidance,
+                max_sequence_length=p.max_sequence_length,
             )
         )
     return quantize(torch.cat(out))
@@ -106,7 +114,9 @@ def contact_sheet(path: Path, student: torch.Tensor, teacher: torch.Tensor, note
         y = header + row * (side + gap)
         for column, image in enumerate((student[row], teacher[row])):
             array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            canvas.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (caption + column * (side + gap), y))
+            canvas.paste(
+                Image.fromarray(array).resize((side, side), Image.NEAREST), (caption + column * (side + gap), y)
+            )
         draw.text((4, y + 4), f"HF ratio\n{(hf_student[row] / hf_teacher[row]).item():.2f}", fill="black")
     draw.text((4, canvas.height - footer + 3), note, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,8 +128,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=512, help="pairs per half (two halves: A and B)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--sweep", type=float, nargs="*", default=[0.5, 0.6, 0.7, 1.0],
-                        help="other blur sigmas (px) to score on half A")
+    parser.add_argument(
+        "--sweep", type=float, nargs="*", default=[0.5, 0.6, 0.7, 1.0], help="other blur sigmas (px) to score on half A"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--sheet", type=Path, default=SHEET)
     args = parser.parse_args()
@@ -160,25 +171,36 @@ def main() -> None:
     paired = fid_kid(feats_teacher[a], feats_student[a])
     print(f"detail: student HF energy / teacher's {pairs['hf_ratio']:.3f} (bound <= 0.6)")
     print(f"related: pixel correlation mean {pairs['corr_mean']:.3f}, min {pairs['corr_min']:.3f} (bound >= 0.8)")
-    print(f"FID floor (teacher A vs teacher B) {floor['fid']:.4f}; FID(student A, teacher B) {gap['fid']:.4f} "
-          f"= {gap['fid'] / floor['fid']:.1f}x the floor (bound >= 5x); paired FID(student A, teacher A) {paired['fid']:.4f}")
+    print(
+        f"FID floor (teacher A vs teacher B) {floor['fid']:.4f}; FID(student A, teacher B) {gap['fid']:.4f} "
+        f"= {gap['fid'] / floor['fid']:.1f}x the floor (bound >= 5x); paired FID(student A, teacher A) {paired['fid']:.4f}"
+    )
 
     # 4. The calibration: other sigmas for the student's low-pass, on half A.
     sweep = []
     for sigma in args.sweep:
         student_pipe.vae = tiny_flux.low_passed(teacher_pipe.vae, sigma)
         other = images(student_pipe, "tiny-schnell", prompts[a], seeds[a], args.size, args.batch)
-        row = {"blur_sigma": sigma, **detail_and_relation(other, teacher[a]),
-               "fid_vs_teacher_b": fid_kid(feats_teacher[b], features(extractor, other))["fid"]}
+        row = {
+            "blur_sigma": sigma,
+            **detail_and_relation(other, teacher[a]),
+            "fid_vs_teacher_b": fid_kid(feats_teacher[b], features(extractor, other))["fid"],
+        }
         row["fid_over_floor"] = row["fid_vs_teacher_b"] / floor["fid"]
         sweep.append(row)
-        print(f"  sigma {sigma:.2f}: HF ratio {row['hf_ratio']:.3f}, corr {row['corr_mean']:.3f}, "
-              f"FID {row['fid_vs_teacher_b']:.4f} ({row['fid_over_floor']:.1f}x the floor)")
+        print(
+            f"  sigma {sigma:.2f}: HF ratio {row['hf_ratio']:.3f}, corr {row['corr_mean']:.3f}, "
+            f"FID {row['fid_vs_teacher_b']:.4f} ({row['fid_over_floor']:.1f}x the floor)"
+        )
 
     student_spec = tiny_flux.STUDENTS["tiny-schnell"]
-    contact_sheet(args.sheet, student[:SHEET_ROWS], teacher[:SHEET_ROWS],
-                  f"blur sigma {student_spec.blur_sigma} px; HF ratio {pairs['hf_ratio']:.2f}, corr {pairs['corr_mean']:.2f} "
-                  f"over {2 * n} pairs")
+    contact_sheet(
+        args.sheet,
+        student[:SHEET_ROWS],
+        teacher[:SHEET_ROWS],
+        f"blur sigma {student_spec.blur_sigma} px; HF ratio {pairs['hf_ratio']:.2f}, corr {pairs['corr_mean']:.2f} "
+        f"over {2 * n} pairs",
+    )
     timings["total_s"] = time.perf_counter() - started
     result = {
         "what": "tiny-schnell vs tiny-dev: detail loss, related content, FID gap (benchmarks/doubles.py)",
@@ -191,24 +213,41 @@ def main() -> None:
         "construction": {
             "build_version": tiny_flux.BUILD_VERSION,
             "student_transformer": f"{student_spec.teacher}'s, guidance {student_spec.baked_guidance} folded into "
-                                   "its timestep embedding (guidance_embeds=False)",
+            "its timestep embedding (guidance_embeds=False)",
             "student_vae": "the shared VAE with a fixed 3x3 Gaussian low-pass folded into the decoder's conv_out",
             "blur_sigma_px": student_spec.blur_sigma,
             "shared": ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"],
         },
         "properties": {
-            "detail": {"student_hf_over_teacher": pairs["hf_ratio"], "bound": "<= 0.6", "cutoff_cycles_per_px": HF_CUTOFF,
-                       "per_pair_median": pairs["hf_ratio_per_pair_median"]},
-            "related": {"pixel_corr_mean": pairs["corr_mean"], "pixel_corr_min": pairs["corr_min"], "bound": ">= 0.8",
-                        "l1": pairs["l1"]},
-            "fid": {"extractor": extractor.name, "floor_teacher_a_vs_teacher_b": floor["fid"],
-                    "student_a_vs_teacher_b": gap["fid"], "over_floor": gap["fid"] / floor["fid"], "bound": ">= 5x",
-                    "student_a_vs_teacher_a_paired": paired["fid"],
-                    "kid": {"floor": floor["kid"], "student_a_vs_teacher_b": gap["kid"]}},
+            "detail": {
+                "student_hf_over_teacher": pairs["hf_ratio"],
+                "bound": "<= 0.6",
+                "cutoff_cycles_per_px": HF_CUTOFF,
+                "per_pair_median": pairs["hf_ratio_per_pair_median"],
+            },
+            "related": {
+                "pixel_corr_mean": pairs["corr_mean"],
+                "pixel_corr_min": pairs["corr_min"],
+                "bound": ">= 0.8",
+                "l1": pairs["l1"],
+            },
+            "fid": {
+                "extractor": extractor.name,
+                "floor_teacher_a_vs_teacher_b": floor["fid"],
+                "student_a_vs_teacher_b": gap["fid"],
+                "over_floor": gap["fid"] / floor["fid"],
+                "bound": ">= 5x",
+                "student_a_vs_teacher_a_paired": paired["fid"],
+                "kid": {"floor": floor["kid"], "student_a_vs_teacher_b": gap["kid"]},
+            },
         },
         "sweep_half_a": sweep,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "machine": {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {
+            "cpu_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2) + "\n")

@@ -81,6 +81,19 @@ def fid_context(data: Path, refiner_dir: Path) -> dict:
     }
 
 
+def acceptance(run: dict) -> dict[str, bool]:
+    """The refiner-effect issue's bounds, each on its own."""
+    return {
+        "fid_at_most_half_the_students": run["fid_refined_teacher"] <= 0.5 * run["fid_student_teacher"],
+        "fid_intervals_apart": run["fid_refined_teacher_ci"][1] < run["fid_student_teacher_ci"][0],
+        "kid_lower": run["kid_refined_teacher"] < run["kid_student_teacher"],
+        "hf_ratio_in_0.85_1.15": 0.85 <= run["hf_ratio_refined"] <= 1.15,
+        "l1_at_most_0.85x_student": run["refined_over_student"] <= 0.85,
+        "l1_at_most_0.95x_affine": run["refined_over_affine"] <= 0.95,
+        "gap_closed_at_least_half": run["fid_gap_closed"] >= 0.5,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=4096)
@@ -148,10 +161,11 @@ def main() -> None:
         train_s = time.perf_counter() - began
         refinery(env, "eval", "--data", str(data), "--refiner", str(run / "refiner"), "--out", str(run / "eval"))
         metrics = json.loads((run / "eval" / "metrics.json").read_text())
-        paired, fid = metrics["paired"], metrics["fid"]
+        paired, fid, kid, detail = metrics["paired"], metrics["fid"], metrics["kid"], metrics["detail"]
         runs.append(
             {
                 "seed": seed,
+                "arch": args.arch,
                 "train_seconds": round(train_s, 1),
                 "student_l1": paired["student"]["l1"],
                 "affine_l1": paired["affine"]["l1"],
@@ -160,12 +174,18 @@ def main() -> None:
                 "refined_over_affine": paired["refined"]["l1"] / paired["affine"]["l1"],
                 "fid_student_teacher": fid["student_teacher"],
                 "fid_refined_teacher": fid["refined_teacher"],
+                "fid_student_teacher_ci": fid["student_teacher_ci"],
+                "fid_refined_teacher_ci": fid["refined_teacher_ci"],
+                "fid_gap_closed": fid["gap_closed"],
                 "fid_extractor": fid["extractor"],
-                "hf_ratio_student": metrics["detail"]["student_hf_ratio"],
-                "hf_ratio_refined": metrics["detail"]["refined_hf_ratio"],
+                "kid_student_teacher": kid["student_teacher"],
+                "kid_refined_teacher": kid["refined_teacher"],
+                "hf_ratio_student": detail["student_hf_ratio"],
+                "hf_ratio_refined": detail["refined_hf_ratio"],
                 **fid_context(data, run / "refiner"),
             }
         )
+        runs[-1]["acceptance"] = acceptance(runs[-1])
 
     def spread(key: str) -> dict:
         values = [r[key] for r in runs]
@@ -178,9 +198,21 @@ def main() -> None:
         "train_args": args.train_args,
         "pair_generation_seconds": round(generate_s, 1),
         "pairs_already_there": already_there,  # skipped by generation (resumed from --work)
-        "refined_over_student": spread("refined_over_student"),
-        "refined_over_affine": spread("refined_over_affine"),
-        "fid_refined_below_student": all(r["fid_refined_teacher"] < r["fid_student_teacher"] for r in runs),
+        "arch": args.arch,
+        "accepted_every_seed": all(all(r["acceptance"].values()) for r in runs),
+        **{
+            key: spread(key)
+            for key in (
+                "refined_over_student",
+                "refined_over_affine",
+                "fid_student_teacher",
+                "fid_refined_teacher",
+                "fid_gap_closed",
+                "kid_refined_teacher",
+                "hf_ratio_refined",
+                "train_seconds",
+            )
+        },
         "runs": runs,
         "work": str(work),
     }
@@ -192,7 +224,8 @@ def main() -> None:
             f"refined/affine {r['refined_over_affine']:.3f}, "
             f"FID student {r['fid_student_teacher']:.3f} -> refined {r['fid_refined_teacher']:.3f} "
             f"({r['fid_extractor']}); "
-            f"floor {r['fid_floor_teacher_vs_other_teacher']:.3f}"
+            f"floor {r['fid_floor_teacher_vs_other_teacher']:.3f}; HF refined/teacher {r['hf_ratio_refined']:.3f}; "
+            f"accepted: {all(r['acceptance'].values())}"
         )
         print(
             "  blend t:   "

@@ -120,7 +120,9 @@ def run_preset(preset: str, size: int, jobs: int, max_batch: int, max_wait_ms: f
     result["system_batching_off"] = system(tmp / f"{preset}-off", preset, size, jobs, 1, max_wait_ms)
     result["system_batching_on"] = system(tmp / f"{preset}-on", preset, size, jobs, max_batch, max_wait_ms)
     on, off = result["system_batching_on"], result["system_batching_off"]
-    result["system_over_direct_batching_on"] = round(on["jobs_per_s"] / result[f"direct_batch_{max_batch}"]["jobs_per_s"], 3)
+    result["system_over_direct_batching_on"] = round(
+        on["jobs_per_s"] / result[f"direct_batch_{max_batch}"]["jobs_per_s"], 3
+    )
     result["system_over_direct_batching_off"] = round(off["jobs_per_s"] / result["direct_batch_1"]["jobs_per_s"], 3)
     result["batching_speedup"] = round(on["jobs_per_s"] / off["jobs_per_s"], 3)
     return result
@@ -171,7 +173,16 @@ def main() -> None:
 
 def _table(result: dict) -> Table:
     table = Table(title="throughput (jobs/s) and ratios")
-    for column in ("preset", "direct b1", "direct bN", "system off", "system on", "sys/direct (on)", "batching speedup", "p50 / p95 ms (on)"):
+    for column in (
+        "preset",
+        "direct b1",
+        "direct bN",
+        "system off",
+        "system on",
+        "sys/direct (on)",
+        "batching speedup",
+        "p50 / p95 ms (on)",
+    ):
         table.add_column(column)
     for name, r in result["presets"].items():
         n = result["config"]["max_batch"]

@@ -12,13 +12,18 @@ from cli.common import console
 @click.command()
 @click.option("--jobs", default=8, show_default=True, help="Generate-and-refine jobs to run.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True)
-def demo(jobs: int, out: Path) -> None:
+@click.option(
+    "--refiner",
+    default=None,
+    help="A refiner directory, or 'identity' (no refinement). Default: the demo refiner trained on the offline doubles.",
+)
+def demo(jobs: int, out: Path, refiner: str | None) -> None:
     """Start a private local stack (Redis, S3, worker), run jobs through it, write a contact sheet."""
     try:
-        from devstack.demo import run_demo
+        from devstack.demo import DEMO_REFINER, run_demo
     except ModuleNotFoundError as exc:
         if exc.name != "devstack":
             raise
         # The images leave devstack/ out (it holds a test secret); it comes with a checkout.
         raise click.ClickException("the demo needs a source checkout (scripts/dev.sh demo)") from None
-    run_demo(jobs=jobs, out=out, console=console)
+    run_demo(jobs=jobs, out=out, refiner=refiner or str(DEMO_REFINER), console=console)

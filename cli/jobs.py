@@ -55,12 +55,18 @@ def _finish(job: JobHandle, wait: bool, timeout: float | None, as_json: bool) ->
 def _job_options(command):
     for option in reversed(
         [
-            click.option("--format", "output_format", type=click.Choice([f.value for f in OutputFormat]), default="png"),
+            click.option(
+                "--format", "output_format", type=click.Choice([f.value for f in OutputFormat]), default="png"
+            ),
             click.option("--callback-url", help="Signed POST on each terminal state."),
             click.option("--idempotency-key", help="Submitting again with the same key returns the same job."),
             click.option("--metadata", help="JSON object stored with the job and echoed in callbacks."),
-            click.option("--priority", type=click.Choice([p.value for p in Priority]), default="normal", show_default=True),
-            click.option("--deadline", "deadline_s", type=float, help="Seconds; still queued by then: fails 'expired'."),
+            click.option(
+                "--priority", type=click.Choice([p.value for p in Priority]), default="normal", show_default=True
+            ),
+            click.option(
+                "--deadline", "deadline_s", type=float, help="Seconds; still queued by then: fails 'expired'."
+            ),
             click.option("--wait", is_flag=True, help="Block until the job is finished."),
             click.option("--timeout", type=float, default=None, help="Seconds to wait at most."),
             click.option("--json", "as_json", is_flag=True, help="Print the job record as one JSON object."),
@@ -95,7 +101,9 @@ def submit() -> None:
 @click.option("--no-refine", is_flag=True, help="Return schnell's image as it is.")
 @click.option("--keep-raw", is_flag=True, help="Also store the unrefined image.")
 @_job_options
-def submit_generate(prompt, seed, width, height, steps, guidance, no_refine, keep_raw, wait, timeout, as_json, **common) -> None:
+def submit_generate(
+    prompt, seed, width, height, steps, guidance, no_refine, keep_raw, wait, timeout, as_json, **common
+) -> None:
     """Generate a portrait with the worker's preset and refine it."""
     job = make_client().submit_generate(
         prompt,
@@ -113,7 +121,9 @@ def submit_generate(prompt, seed, width, height, steps, guidance, no_refine, kee
 
 @submit.command("refine")
 @click.option("--input", "input_uri", help="s3://bucket/key of the image to refine.")
-@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A local image, sent inline.")
+@click.option(
+    "--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A local image, sent inline."
+)
 @_job_options
 def submit_refine(input_uri, path, wait, timeout, as_json, **common) -> None:
     """Refine an existing image."""

@@ -69,9 +69,13 @@ def status(out: str, as_json: bool) -> None:
 
 
 @pairs.command("prompts")
-@click.option("--count", type=click.IntRange(min=0), required=True, help="Prompts 0..count-1, as `pairs generate` uses them.")
+@click.option(
+    "--count", type=click.IntRange(min=0), required=True, help="Prompts 0..count-1, as `pairs generate` uses them."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help=_SEED_HELP)
-@click.option("--top", type=click.IntRange(min=1), default=12, show_default=True, help="Most common values shown per attribute.")
+@click.option(
+    "--top", type=click.IntRange(min=1), default=12, show_default=True, help="Most common values shown per attribute."
+)
 def prompts(count: int, seed: int, top: int) -> None:
     """How a dataset's prompt attributes are distributed, before any GPU time is spent on it."""
     from producer.prompts import attribute_distribution, build_prompts, top_values

@@ -32,7 +32,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(check, *, timeout_s: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def wait_until(
+    check, *, timeout_s: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -58,7 +60,9 @@ def _env_value(value: Any) -> str:
 class LocalStack:
     """``with LocalStack(workdir) as stack:`` gives ``stack.settings`` and running services."""
 
-    def __init__(self, workdir: Path, *, preset: str = "tiny-schnell", redis_aof: bool = False, **overrides: Any) -> None:
+    def __init__(
+        self, workdir: Path, *, preset: str = "tiny-schnell", redis_aof: bool = False, **overrides: Any
+    ) -> None:
         self.workdir = Path(workdir)
         self.redis_aof = redis_aof
         self.logs = self.workdir / "logs"
@@ -101,7 +105,9 @@ class LocalStack:
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start a process of the stack (logged to logs/NAME.log, stopped with the stack)."""
         log = open(self.logs / f"{name}.log", "ab")
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}, cwd=self.workdir)
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}, cwd=self.workdir
+        )
         log.close()
         self.processes[name] = process
         return process
@@ -122,7 +128,13 @@ class LocalStack:
     def start_s3(self) -> None:
         process = self.spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)])
         url = f"{self.settings.s3_endpoint_url}/moto-api/"
-        wait_until(lambda: httpx.get(url).status_code < 500, timeout_s=30, what="S3 (moto)", process=process, log=self.logs / "s3.log")
+        wait_until(
+            lambda: httpx.get(url).status_code < 500,
+            timeout_s=30,
+            what="S3 (moto)",
+            process=process,
+            log=self.logs / "s3.log",
+        )
         Storage(self.settings).ensure_bucket()
 
     def start_worker(

@@ -79,7 +79,12 @@ class Client:
         of the same dataset returns the job already made for it."""
         dataset_tag = hashlib.sha1(dataset.rstrip("/").encode()).hexdigest()[:16]
         spec = build_spec(
-            PairSpec, prompt=prompt, dataset=dataset, pair_id=pair_id, idempotency_key=f"pair:{dataset_tag}:{pair_id}", **fields
+            PairSpec,
+            prompt=prompt,
+            dataset=dataset,
+            pair_id=pair_id,
+            idempotency_key=f"pair:{dataset_tag}:{pair_id}",
+            **fields,
         )
         get_preset(spec.student).check_size(spec.width, spec.height)
         self._check(spec)
@@ -114,7 +119,9 @@ class Client:
             check_callback_url(spec.callback_url, self.settings.callback_allowlist)
         self._admit(ROUTES[spec.kind].queue(self.settings))
 
-    def _submit(self, spec: GenerateSpec | RefineSpec | PairSpec, *, seed: int | None = None, job_id: str | None = None) -> JobHandle:
+    def _submit(
+        self, spec: GenerateSpec | RefineSpec | PairSpec, *, seed: int | None = None, job_id: str | None = None
+    ) -> JobHandle:
         record = JobRecord(job_id=job_id or uuid.uuid4().hex, kind=spec.kind, spec=spec, seed=seed)
         record, created = self.store.create(record, spec.idempotency_key)
         if created:

@@ -97,7 +97,14 @@ def wait(client: Client, target: Target, handles: Iterable[JobHandle], total: in
     """Wait for the pairs with a progress bar and ETA; mirror each finished one locally."""
     outcome = {"succeeded": 0, "failed": 0, "cancelled": 0}
     handles = list(handles)
-    columns = (TextColumn("pairs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("pairs"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("pairs", total=total, completed=total - len(handles))
         for handle in handles:
@@ -107,7 +114,10 @@ def wait(client: Client, target: Target, handles: Iterable[JobHandle], total: in
                 # A failed record always carries its error, and submit() queues only pair jobs.
                 assert record.error is not None and isinstance(record.spec, PairSpec)
                 field = f" {record.error.field}:" if record.error.field else ""
-                console.print(f"pair {record.spec.pair_id} failed [{record.error.code}]{field} {record.error.message}", markup=False)
+                console.print(
+                    f"pair {record.spec.pair_id} failed [{record.error.code}]{field} {record.error.message}",
+                    markup=False,
+                )
             progress.advance(task)
     if target.mirror is not None:
         mirror(client, target)

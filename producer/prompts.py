@@ -189,25 +189,56 @@ DEFAULT_TEXTURE: dict[str, float] = {"straight": 5, "wavy": 3, "curly": 2}
 # Styles per (gender presentation, texture); "{color}" is filled in. Bald comes from age.
 HAIR_STYLES: dict[str, dict[str, list[str]]] = {
     "woman": {
-        "straight": ["long straight {color} hair", "a {color} bob", "{color} hair in a ponytail",
-                     "shoulder length {color} hair", "a {color} pixie cut", "{color} hair in a bun"],
-        "wavy": ["long wavy {color} hair", "shoulder length wavy {color} hair", "a wavy {color} bob",
-                 "{color} hair in a messy bun"],
+        "straight": [
+            "long straight {color} hair",
+            "a {color} bob",
+            "{color} hair in a ponytail",
+            "shoulder length {color} hair",
+            "a {color} pixie cut",
+            "{color} hair in a bun",
+        ],
+        "wavy": [
+            "long wavy {color} hair",
+            "shoulder length wavy {color} hair",
+            "a wavy {color} bob",
+            "{color} hair in a messy bun",
+        ],
         "curly": ["long curly {color} hair", "short curly {color} hair", "curly {color} hair in a bun"],
-        "coily": ["a {color} afro", "{color} box braids", "{color} locs", "short coily {color} hair",
-                  "{color} braids in a bun"],
+        "coily": [
+            "a {color} afro",
+            "{color} box braids",
+            "{color} locs",
+            "short coily {color} hair",
+            "{color} braids in a bun",
+        ],
     },
     "man": {
-        "straight": ["short {color} hair", "a {color} crew cut", "a {color} buzz cut",
-                     "slicked back {color} hair", "a {color} undercut", "{color} hair parted to the side"],
+        "straight": [
+            "short {color} hair",
+            "a {color} crew cut",
+            "a {color} buzz cut",
+            "slicked back {color} hair",
+            "a {color} undercut",
+            "{color} hair parted to the side",
+        ],
         "wavy": ["short wavy {color} hair", "medium length wavy {color} hair", "tousled {color} hair"],
         "curly": ["short curly {color} hair", "medium length curly {color} hair"],
-        "coily": ["a {color} buzz cut", "short coily {color} hair", "{color} locs", "a short {color} afro",
-                  "{color} braids"],
+        "coily": [
+            "a {color} buzz cut",
+            "short coily {color} hair",
+            "{color} locs",
+            "a short {color} afro",
+            "{color} braids",
+        ],
     },
     "androgynous": {
-        "straight": ["a {color} pixie cut", "short {color} hair", "a {color} undercut",
-                     "shoulder length {color} hair", "a {color} bob"],
+        "straight": [
+            "a {color} pixie cut",
+            "short {color} hair",
+            "a {color} undercut",
+            "shoulder length {color} hair",
+            "a {color} bob",
+        ],
         "wavy": ["tousled {color} hair", "short wavy {color} hair", "medium length wavy {color} hair"],
         "curly": ["short curly {color} hair", "medium length curly {color} hair"],
         "coily": ["a {color} afro", "{color} locs", "short coily {color} hair", "a {color} buzz cut"],
@@ -217,15 +248,35 @@ HAIR_STYLES: dict[str, dict[str, list[str]]] = {
 FACIAL_HAIR: dict[str, float] = {"clean shaven": 5, "stubble": 3, "a full beard": 2, "a mustache": 1, "a goatee": 1}
 
 EXPRESSIONS = [
-    "smiling", "laughing", "a gentle smile", "a shy smile", "a serious expression",
-    "a neutral expression", "a pensive expression", "a calm expression", "a confident expression",
-    "a surprised expression", "a thoughtful gaze", "a stern expression",
+    "smiling",
+    "laughing",
+    "a gentle smile",
+    "a shy smile",
+    "a serious expression",
+    "a neutral expression",
+    "a pensive expression",
+    "a calm expression",
+    "a confident expression",
+    "a surprised expression",
+    "a thoughtful gaze",
+    "a stern expression",
 ]
 
 CLOTHING_ANY = [
-    "a {c} sweater", "a {c} hoodie", "a denim jacket", "a black leather jacket", "a {c} turtleneck",
-    "a {c} t-shirt", "a white collared shirt", "a {c} knitted wool sweater", "a {c} linen shirt",
-    "a {c} blazer", "a {c} coat and scarf", "a striped shirt", "a lab coat", "{c} scrubs",
+    "a {c} sweater",
+    "a {c} hoodie",
+    "a denim jacket",
+    "a black leather jacket",
+    "a {c} turtleneck",
+    "a {c} t-shirt",
+    "a white collared shirt",
+    "a {c} knitted wool sweater",
+    "a {c} linen shirt",
+    "a {c} blazer",
+    "a {c} coat and scarf",
+    "a striped shirt",
+    "a lab coat",
+    "{c} scrubs",
     "a {c} jacket",
 ]
 CLOTHING_BY_GENDER = {
@@ -239,33 +290,86 @@ HEADWEAR = [
     ({"south_asian"}, "man", "a {c} turban"),
     ({"sub_saharan_african"}, "woman", "a {c} headscarf"),
 ]
-COLORS = ["black", "white", "gray", "navy", "blue", "green", "red", "beige", "cream", "brown",
-          "maroon", "teal", "yellow", "orange", "purple", "pink"]
+COLORS = [
+    "black",
+    "white",
+    "gray",
+    "navy",
+    "blue",
+    "green",
+    "red",
+    "beige",
+    "cream",
+    "brown",
+    "maroon",
+    "teal",
+    "yellow",
+    "orange",
+    "purple",
+    "pink",
+]
 
 LIGHTING = [
-    "soft window light", "golden hour sunlight", "studio softbox lighting", "rembrandt lighting",
-    "butterfly lighting", "overcast daylight", "dramatic rim light", "backlit by the sun",
-    "neon lighting", "warm candlelight", "split lighting", "soft diffused natural light",
-    "cinematic low key lighting", "high key studio lighting",
+    "soft window light",
+    "golden hour sunlight",
+    "studio softbox lighting",
+    "rembrandt lighting",
+    "butterfly lighting",
+    "overcast daylight",
+    "dramatic rim light",
+    "backlit by the sun",
+    "neon lighting",
+    "warm candlelight",
+    "split lighting",
+    "soft diffused natural light",
+    "cinematic low key lighting",
+    "high key studio lighting",
 ]
 
 LENSES = [
-    "85 mm lens, f/1.8", "50 mm lens, f/1.4", "35 mm lens, f/2", "105 mm lens, f/2.8",
-    "shot on canon dslr, 85 mm", "shot on nikon dslr, 50 mm", "sony mirrorless camera, 85 mm f/1.4",
-    "fujifilm camera, 56 mm f/1.2", "leica camera, 50 mm", "kodak portra film, analog photo",
+    "85 mm lens, f/1.8",
+    "50 mm lens, f/1.4",
+    "35 mm lens, f/2",
+    "105 mm lens, f/2.8",
+    "shot on canon dslr, 85 mm",
+    "shot on nikon dslr, 50 mm",
+    "sony mirrorless camera, 85 mm f/1.4",
+    "fujifilm camera, 56 mm f/1.2",
+    "leica camera, 50 mm",
+    "kodak portra film, analog photo",
 ]
 
 BACKGROUNDS = [
-    "a plain gray studio backdrop", "a seamless white backdrop", "a solid beige background",
-    "a blurred city street", "a park with trees", "a brick wall", "a cafe", "a library",
-    "an office", "a beach at sunset", "a forest", "a kitchen", "mountains", "a concrete wall",
-    "a garden", "a blurred night city with neon",
+    "a plain gray studio backdrop",
+    "a seamless white backdrop",
+    "a solid beige background",
+    "a blurred city street",
+    "a park with trees",
+    "a brick wall",
+    "a cafe",
+    "a library",
+    "an office",
+    "a beach at sunset",
+    "a forest",
+    "a kitchen",
+    "mountains",
+    "a concrete wall",
+    "a garden",
+    "a blurred night city with neon",
 ]
 
 FRAMINGS = ["close up portrait", "headshot", "head and shoulders portrait", "upper body portrait"]
 
-QUALITY = ["photorealistic", "sharp focus", "detailed skin texture", "natural skin pores",
-           "high detail", "8k", "professional photography", "film grain"]
+QUALITY = [
+    "photorealistic",
+    "sharp focus",
+    "detailed skin texture",
+    "natural skin pores",
+    "high detail",
+    "8k",
+    "professional photography",
+    "film grain",
+]
 
 
 @dataclass(frozen=True)
@@ -379,8 +483,9 @@ def _prompt(seed: int, index: int) -> PortraitPrompt:
         looks.append(f"with {facial_hair}")
     elif facial_hair == "clean shaven":
         looks.append("clean shaven")
-    looks.append(expression if expression.startswith("smiling") or expression.startswith("laughing")
-                 else f"with {expression}")
+    looks.append(
+        expression if expression.startswith("smiling") or expression.startswith("laughing") else f"with {expression}"
+    )
     shape = rng.randrange(3)
     if shape == 0:
         text = f"{framing} of {name}, {who}, {', '.join(looks)}, wearing {clothing}"

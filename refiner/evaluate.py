@@ -283,7 +283,7 @@ def evaluate(
             "refined_teacher_ci": ci["fid_refined"],
             "fiddiff_ci": ci["fiddiff"],
             "calibrated": calibrated,
-            "comparable_with": comparability(extractor.name, calibrated),
+            "comparable_with": comparability(str(extractor.name), calibrated),
         },
         "kid": {
             "student_teacher": student_dist["kid"],

@@ -74,11 +74,11 @@ def load_refiner(
 ) -> Refiner:
     """Load the refiner saved by `RefinerUNet.save_pretrained` at `path`.
 
-    With `path=None`, the refiner is a freshly built default network, which is the identity
+    With `path=None` or `"identity"`, the refiner is a freshly built default network, which is the identity
     (its last conv is zero-initialised). Only safetensors weights are read, and only from
     local disk: a missing directory or file raises `FileNotFoundError` naming the path.
     """
-    if path is None:
+    if path is None or str(path) == IDENTITY:
         # `.type` casts like `.to(dtype=...)`, minus diffusers' warning about fp32-only modules
         # that it prints on every dtype cast, even for a model that has none.
         network, version = RefinerUNet().type(dtype), IDENTITY

@@ -1,8 +1,11 @@
 """Training losses: the paper's paired loss, and the CycleGAN losses for unpaired training.
 
 Paired (Wąsala et al., arXiv 2505.02255): a gradient loss, L1 between the image gradients
-of the output and of the target (edges and fine texture are where the distilled model
-loses most), plus a perceptual loss. The paper's perceptual loss is LPIPS, which needs
+of the output and of a reference (edges and fine texture are where the distilled model
+loses most), plus a perceptual loss. The reference is the target (`gradient_against="target"`,
+the gradients the refiner should produce) or, as a review of the paper writes its loss,
+GRAD(input, output) + LPIPS(target, output), the refiner's input (`"input"`: the gradient
+term keeps the student's structure and the perceptual term pulls towards the teacher). The paper's perceptual loss is LPIPS, which needs
 pretrained AlexNet/VGG weights that cannot be downloaded here; `PairedLoss` therefore
 takes `perceptual="lpips"` only with a local weights file, and otherwise uses a weight-free
 substitute, `perceptual="ms_ssim"` (1 - MS-SSIM, Wang et al. 2003). The two are named
@@ -30,6 +33,7 @@ from refiner.extractors import LPIPSAlex
 from refiner.networks import CycleOutputs
 
 PERCEPTUAL_LOSSES = ("ms_ssim", "lpips", "none")
+GRADIENT_REFERENCES = ("target", "input")  # what the output's gradients are compared with
 
 # --- gradient loss ---------------------------------------------------------------------
 
@@ -147,9 +151,12 @@ class PairedLoss(nn.Module):
         l1_weight: weight of plain pixel L1 (optional in the paper; it anchors colour,
             which neither gradients nor MS-SSIM's structure terms pin down well).
         lpips_weights: local LPIPS weights file(s), see `LPIPSAlex`.
+        gradient_against: `"target"` (the output's gradients against the target's) or
+            `"input"` (against the refiner's input's, the review's GRAD(input, output)).
 
-    `forward(output, target)` returns `(total, parts)`, `parts` a dict of detached scalar
-    tensors named `gradient`, `l1` and `ms_ssim` or `lpips` (the unweighted terms).
+    `forward(output, target, source)` returns `(total, parts)`, `parts` a dict of detached
+    scalar tensors named `gradient`, `l1` and `ms_ssim` or `lpips` (the unweighted terms);
+    `source`, the refiner's input, is needed with `gradient_against="input"`.
     """
 
     def __init__(
@@ -159,8 +166,11 @@ class PairedLoss(nn.Module):
         perceptual_weight: float = 1.0,
         l1_weight: float = 1.0,
         lpips_weights: str | Path | Sequence[str | Path] | None = None,
+        gradient_against: str = "target",
     ) -> None:
         super().__init__()
+        if gradient_against not in GRADIENT_REFERENCES:
+            raise ValueError(f"gradient_against must be one of {GRADIENT_REFERENCES}, got {gradient_against!r}")
         if perceptual not in PERCEPTUAL_LOSSES:
             raise ValueError(f"perceptual must be one of {PERCEPTUAL_LOSSES}, got {perceptual!r}")
         if perceptual == "lpips" and lpips_weights is None:
@@ -168,15 +178,23 @@ class PairedLoss(nn.Module):
                 "perceptual='lpips' needs lpips_weights (a local weights file); use perceptual='ms_ssim' without one"
             )
         self.gradient_weight = gradient_weight
+        self.gradient_against = gradient_against
         self.perceptual = perceptual
         self.perceptual_weight = perceptual_weight
         self.l1_weight = l1_weight
         self.lpips = LPIPSAlex(lpips_weights) if perceptual == "lpips" else None
 
-    def forward(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, output: torch.Tensor, target: torch.Tensor, source: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # Losses in fp32 even under autocast: SSIM's variances cancel badly in half precision.
         output, target = output.float(), target.float()
-        parts = {"gradient": gradient_loss(output, target), "l1": F.l1_loss(output, target)}
+        reference = target
+        if self.gradient_against == "input":
+            if source is None:
+                raise ValueError("gradient_against='input' needs source, the refiner's input")
+            reference = source.float()
+        parts = {"gradient": gradient_loss(output, reference), "l1": F.l1_loss(output, target)}
         if self.perceptual == "ms_ssim":
             parts["ms_ssim"] = 1 - ms_ssim(output, target).mean()
         elif self.perceptual == "lpips":

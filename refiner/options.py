@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from refiner.losses import PERCEPTUAL_LOSSES
+from refiner.losses import GRADIENT_REFERENCES, PERCEPTUAL_LOSSES
 from refiner.networks import CYCLEGAN_ARCHS
 
 ARCHS = ("unet-cbam", *CYCLEGAN_ARCHS)
@@ -44,6 +44,9 @@ class TrainConfig:
     disc_channels: int = 32
     # paired loss (the paper's: gradient + perceptual; plus L1)
     gradient_weight: float = 1.0
+    # the gradient term's reference: "target" (the teacher's gradients) or "input" (the
+    # student's, the review's GRAD(input, output)); to be measured, then the better made default
+    gradient_against: str = "target"
     perceptual: str | None = None  # None: "lpips" if lpips_weights is given, else "ms_ssim"
     perceptual_weight: float = 0.1
     l1_weight: float = 1.0
@@ -82,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.gradient_against not in GRADIENT_REFERENCES:
+            raise ValueError(f"gradient_against must be one of {GRADIENT_REFERENCES}, got {self.gradient_against!r}")
         perceptual = self.perceptual or ("lpips" if self.lpips_weights else "ms_ssim")
         if perceptual not in PERCEPTUAL_LOSSES:
             raise ValueError(f"perceptual must be one of {PERCEPTUAL_LOSSES}, got {perceptual!r}")
@@ -133,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lpips-weights", default=None, help="local LPIPS (AlexNet + heads) weights file")
     p.add_argument("--gradient-weight", type=float, default=defaults.gradient_weight)
+    p.add_argument(
+        "--gradient-against",
+        choices=GRADIENT_REFERENCES,
+        default=defaults.gradient_against,
+        help="unet-cbam: compare the output's image gradients with the target's or the input's",
+    )
     p.add_argument("--perceptual-weight", type=float, default=defaults.perceptual_weight)
     p.add_argument("--l1-weight", type=float, default=defaults.l1_weight)
     p.add_argument(

@@ -63,26 +63,38 @@ def plot_spectra(path: Path, frequencies: np.ndarray, spectra: dict[str, np.ndar
     image.save(path)
 
 
-def sample_grid(path: Path, samples: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+def sample_grid(
+    path: Path,
+    samples: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]],
+    labels: list[tuple[str, str, str]] | None = None,
+    title: list[str] | None = None,
+) -> None:
     """One pair per row, `student | refined | teacher`, its id on the left; small images are
-    enlarged (nearest neighbour) to at least 128 px so texture stays visible."""
-    header, caption = 16, 110
+    enlarged (nearest neighbour) to at least 128 px so texture stays visible. `labels`: a
+    line over each image of each row; `title`: lines over the whole grid."""
+    line = 14
+    header, caption = 16 + line * len(title or ()), 110
     rows = []
     for pair_id, *images in samples:
         strip = to_pil(torch.cat(images, dim=-1))  # student | refined | teacher, (3, H, 3W)
         scale = max(1, math.ceil(128 / strip.height))
         rows.append((pair_id, strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST)))
-    size = (caption + max(row.width for _, row in rows), header + sum(row.height for _, row in rows))
+    above = line if labels else 0  # room for each row's labels
+    size = (caption + max(row.width for _, row in rows), header + sum(above + row.height for _, row in rows))
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
+    for index, text in enumerate(title or ()):
+        draw.text((4, 2 + index * line), text, fill="black")
     column = rows[0][1].width // 3
-    for index, label in enumerate(("student", "refined", "teacher")):
-        draw.text((caption + index * column + 4, 2), label, fill="black")
+    for index, name in enumerate(("student", "refined", "teacher")):
+        draw.text((caption + index * column + 4, header - 14), name, fill="black")
     y = header
-    for pair_id, row in rows:
-        canvas.paste(row, (caption, y))
-        draw.text((4, y + 4), pair_id if len(pair_id) <= 16 else pair_id[:15] + "…", fill="black")
-        y += row.height
+    for index, (pair_id, row) in enumerate(rows):
+        for column_index, label in enumerate(labels[index] if labels else ()):
+            draw.text((caption + column_index * column + 4, y + 1), label, fill="black")
+        canvas.paste(row, (caption, y + above))
+        draw.text((4, y + above + 4), pair_id if len(pair_id) <= 16 else pair_id[:15] + "…", fill="black")
+        y += above + row.height
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 

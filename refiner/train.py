@@ -246,7 +246,8 @@ def load_checkpoint(
     changed = {
         k: (v, getattr(config, k))
         for k, v in checkpoint["config"].items()
-        if k in ("seed", "batch_size", "resolution", "data", "val_fraction") and v != getattr(config, k)
+        if k in ("seed", "batch_size", "resolution", "data", "val_fraction", "gradient_against")
+        and v != getattr(config, k)
     }
     if changed:
         logger.warning("resuming with changed settings (checkpoint, now): %s", changed)
@@ -305,10 +306,11 @@ def paired_step(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Refine the student towards its own teacher; with a discriminator, also against blur."""
     refiner, discriminator = networks["refiner"], networks.get("discriminator")
-    # 1. The paired loss of the refined student against its teacher, (B, 3, h, w) each.
+    # 1. The paired loss of the refined student against its teacher (the gradient term against
+    #    the student itself with gradient_against="input"), (B, 3, h, w) each.
     with accelerator.autocast():
         refined = refiner(student)
-    loss, parts = loss_fn(refined, teacher)
+    loss, parts = loss_fn(refined, teacher, student)
     # 2. Adversarial (pix2pix): the refined image should pass for a teacher's.
     if discriminator is not None:
         with accelerator.autocast():
@@ -405,6 +407,7 @@ def train(config: TrainConfig) -> Path:
             perceptual_weight=config.perceptual_weight,
             l1_weight=config.l1_weight,
             lpips_weights=config.lpips_weights,
+            gradient_against=config.gradient_against,
         ).to(accelerator.device)
 
     # 4. Resume: weights, optimizer moments, step, best-so-far and elapsed time.
@@ -536,6 +539,7 @@ def train(config: TrainConfig) -> Path:
                     None if paired else count_parameters(accelerator.unwrap_model(networks["discriminators"]))
                 ),
                 "perceptual_loss": config.perceptual if paired else None,
+                "gradient_against": config.gradient_against if paired else None,
                 "data": data_card(config, train_set, val_set),
                 "config": _jsonable(config),
                 "metrics": {

@@ -77,9 +77,7 @@ def _checked_addresses(
             # dict.fromkeys: unique, in the resolver's (RFC 6724) order.
             addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
         except (OSError, UnicodeError, ValueError) as exc:
-            raise CallbackRefused(
-                f"host {host!r} does not resolve: {exc}", field="callback_url"
-            ) from None
+            raise CallbackRefused(f"host {host!r} does not resolve: {exc}", field="callback_url") from None
         if not addresses:
             raise CallbackRefused(f"host {host!r} does not resolve", field="callback_url")
     if listed_name:
@@ -203,9 +201,7 @@ def deliver(
                 # Streamed and never read: only the status matters, and a hostile receiver
                 # could answer with an endless body. A redirect could point anywhere, so it
                 # is not followed.
-                with client.stream(
-                    "POST", pinned, content=body, headers=headers, extensions=extensions
-                ) as response:
+                with client.stream("POST", pinned, content=body, headers=headers, extensions=extensions) as response:
                     status = response.status_code
                     location = response.headers.get("location")
                 break
@@ -218,7 +214,5 @@ def deliver(
     if 200 <= status < 300:
         return status
     if 300 <= status < 400:
-        raise CallbackFailed(
-            f"answered {status} redirecting to {location!r}; redirects are not followed", status
-        )
+        raise CallbackFailed(f"answered {status} redirecting to {location!r}; redirects are not followed", status)
     raise CallbackFailed(f"answered {status}", status)

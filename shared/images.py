@@ -51,9 +51,7 @@ _XMP_FIELDS = {
 }
 
 
-def decode_image(
-    data: bytes, *, max_bytes: int, max_pixels: int, min_side: int = 16
-) -> Image.Image:
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int = 16) -> Image.Image:
     """Decode a PNG, JPEG or WebP into an upright RGB image, or raise ``InvalidImage``."""
     if not data:
         raise InvalidImage("is empty", field="input")
@@ -78,9 +76,7 @@ def decode_image(
             field="input",
         )
     if min(width, height) < min_side:
-        raise InvalidImage(
-            f"is {width}x{height}; each side must be at least {min_side} px", field="input"
-        )
+        raise InvalidImage(f"is {width}x{height}; each side must be at least {min_side} px", field="input")
 
     try:
         # load() raises on truncated data as long as ImageFile.LOAD_TRUNCATED_IMAGES is
@@ -114,9 +110,7 @@ class Provenance:
     digital_source_type: str  # TRAINED_ALGORITHMIC_MEDIA or ALGORITHMICALLY_ENHANCED
 
 
-def encode_image(
-    image: Image.Image, fmt: OutputFormat, provenance: Provenance, *, quality: int = 95
-) -> bytes:
+def encode_image(image: Image.Image, fmt: OutputFormat, provenance: Provenance, *, quality: int = 95) -> bytes:
     """Encode with the provenance in XMP (all formats), EXIF and, for PNG, text chunks."""
     image = _to_rgb(image)
     xmp = _xmp_packet(provenance)
@@ -157,9 +151,7 @@ def _fields(provenance: Provenance) -> dict[str, str]:
 
 
 def _xmp_packet(provenance: Provenance) -> bytes:
-    attributes = "".join(
-        f"\n    refinery:{key}={quoteattr(value)}" for key, value in _fields(provenance).items()
-    )
+    attributes = "".join(f"\n    refinery:{key}={quoteattr(value)}" for key, value in _fields(provenance).items())
     return f"""<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
 <x:xmpmeta xmlns:x="adobe:ns:meta/">
  <rdf:RDF xmlns:rdf="{_NS_RDF}">

@@ -23,7 +23,9 @@ SEEDS = [3, 1, 4, 1]
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> ModelRegistry:
-    settings = Settings(_env_file=None, model_preset="tiny-schnell", device="cpu", model_cache_dir=tmp_path_factory.mktemp("models"))
+    settings = Settings(
+        _env_file=None, model_preset="tiny-schnell", device="cpu", model_cache_dir=tmp_path_factory.mktemp("models")
+    )
     registry = ModelRegistry(settings)
     # A refiner that is not the identity, so refinement is part of what must match.
     torch.nn.init.normal_(registry.refiner.network.conv_out.weight, std=0.05)

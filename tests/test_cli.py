@@ -30,7 +30,9 @@ def _argv(command: click.Command, args: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("command", [refiner.train, refiner.evaluate], ids=["train", "eval"])
-@pytest.mark.parametrize("data", [["--data=s3://portraits/v1/"], ["--data", "s3://portraits/v1/"]], ids=["equals", "space"])
+@pytest.mark.parametrize(
+    "data", [["--data=s3://portraits/v1/"], ["--data", "s3://portraits/v1/"]], ids=["equals", "space"]
+)
 def test_an_s3_dataset_is_mirrored_and_passed_on_as_a_local_directory(mirrored, command, data) -> None:
     argv = _argv(command, ["--arch", "cyclegan", *data, "--out", "runs/r1"])
     assert mirrored == ["s3://portraits/v1/"]
@@ -39,6 +41,11 @@ def test_an_s3_dataset_is_mirrored_and_passed_on_as_a_local_directory(mirrored, 
 
 @pytest.mark.parametrize("command", [refiner.train, refiner.evaluate], ids=["train", "eval"])
 def test_a_local_dataset_passes_unchanged(mirrored, command) -> None:
-    assert _argv(command, ["--data", "datasets/v1", "--out", "runs/r1"]) == ["--data", "datasets/v1", "--out", "runs/r1"]
+    assert _argv(command, ["--data", "datasets/v1", "--out", "runs/r1"]) == [
+        "--data",
+        "datasets/v1",
+        "--out",
+        "runs/r1",
+    ]
     assert _argv(command, ["--help"]) == ["--help"]
     assert mirrored == []

@@ -36,7 +36,9 @@ def cpu_refine_workers() -> list[str]:
     return [
         name
         for name, s in SERVICES.items()
-        if "cpu" in s.get("profiles", []) and "--queues refine" in command(s) and environment(s).get("REFINERY_DEVICE") == "cpu"
+        if "cpu" in s.get("profiles", [])
+        and "--queues refine" in command(s)
+        and environment(s).get("REFINERY_DEVICE") == "cpu"
     ]
 
 

@@ -29,9 +29,10 @@ def _pixels(data: bytes) -> bytes:
     return Image.open(io.BytesIO(data)).convert("RGB").tobytes()
 
 
-
 def test_generate_lands_in_s3_with_provenance(client):
-    record = client.submit_generate("portrait of a woman with freckles", seed=11, width=96, height=64, keep_raw=True).wait(60)
+    record = client.submit_generate(
+        "portrait of a woman with freckles", seed=11, width=96, height=64, keep_raw=True
+    ).wait(60)
 
     assert record.state is JobState.succeeded, record.error
     assert record.attempts == 1
@@ -90,7 +91,9 @@ def test_refine_only_from_file_through_cli(stack, client, tmp_path):
     path = tmp_path / "face.jpg"
     Image.new("RGB", (64, 64), (200, 150, 120)).save(path, "JPEG")
 
-    done = stack.refinery("submit", "refine", "--file", str(path), "--format", "webp", "--wait", "--timeout", "60", "--json")
+    done = stack.refinery(
+        "submit", "refine", "--file", str(path), "--format", "webp", "--wait", "--timeout", "60", "--json"
+    )
 
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
@@ -122,7 +125,9 @@ def test_idempotency_key_returns_the_same_job(client):
 
 
 def test_signed_callback_on_terminal_state(client, receiver):
-    record = client.submit_generate("portrait", seed=8, width=SIZE, height=SIZE, callback_url=f"{receiver.url}/hooks?x=1", metadata={"order": 7}).wait(60)
+    record = client.submit_generate(
+        "portrait", seed=8, width=SIZE, height=SIZE, callback_url=f"{receiver.url}/hooks?x=1", metadata={"order": 7}
+    ).wait(60)
 
     path, headers, body = receiver.next(timeout=60)
     assert path == "/hooks?x=1"
@@ -174,7 +179,9 @@ def test_cli_reports_invalid_input_with_field_and_exit_code(stack):
 
 
 def test_cli_submit_wait_status_json(stack):
-    submitted = stack.refinery("submit", "generate", "--prompt", "portrait", "--seed", "9", "--width", "64", "--height", "64", "--json")
+    submitted = stack.refinery(
+        "submit", "generate", "--prompt", "portrait", "--seed", "9", "--width", "64", "--height", "64", "--json"
+    )
     job_id = json.loads(submitted.stdout)["job_id"]
     waited = stack.refinery("wait", job_id, "--timeout", "60", "--json")
     status = stack.refinery("status", job_id, "--json")

@@ -27,12 +27,18 @@ LONG = 1024  # a job of a few seconds on this CPU: long enough to be caught runn
 
 
 def _objects(stack: LocalStack) -> list[str]:
-    listed = Storage(stack.settings).client.list_objects_v2(Bucket=stack.settings.s3_bucket, Prefix=f"{stack.settings.s3_prefix}/jobs/")
+    listed = Storage(stack.settings).client.list_objects_v2(
+        Bucket=stack.settings.s3_bucket, Prefix=f"{stack.settings.s3_prefix}/jobs/"
+    )
     return [obj["Key"] for obj in listed.get("Contents", [])]
 
 
 def _wait_running(client: Client, job_ids: list[str], timeout_s: float = 60) -> None:
-    wait_until(lambda: any(client.status(j).state is JobState.running for j in job_ids), timeout_s=timeout_s, what="a running job")
+    wait_until(
+        lambda: any(client.status(j).state is JobState.running for j in job_ids),
+        timeout_s=timeout_s,
+        what="a running job",
+    )
 
 
 def test_worker_killed_mid_batch_loses_nothing_and_runs_nothing_twice(tmp_path, receiver):
@@ -40,7 +46,10 @@ def test_worker_killed_mid_batch_loses_nothing_and_runs_nothing_twice(tmp_path, 
         stack.start_worker("callbacks", [stack.settings.queue_callbacks])
         stack.start_worker("doomed")
         client = Client(stack.settings)
-        jobs = [client.submit_generate("portrait", seed=s, width=LONG // 2, height=LONG // 2, callback_url=receiver.url) for s in range(4)]
+        jobs = [
+            client.submit_generate("portrait", seed=s, width=LONG // 2, height=LONG // 2, callback_url=receiver.url)
+            for s in range(4)
+        ]
         _wait_running(client, [j.job_id for j in jobs])
         stack.stop_process("doomed", signal.SIGKILL)
         stack.start_worker("rescuer")
@@ -79,7 +88,9 @@ def test_job_that_kills_its_worker_every_time_ends_worker_lost(tmp_path):
         victim = client.submit_generate("portrait", seed=1, width=LONG, height=LONG)
         for attempt in (1, 2):
             stack.start_worker(f"worker{attempt}")
-            wait_until(lambda: client.status(victim.job_id).attempts == attempt, timeout_s=60, what=f"attempt {attempt}")
+            wait_until(
+                lambda: client.status(victim.job_id).attempts == attempt, timeout_s=60, what=f"attempt {attempt}"
+            )
             stack.stop_process(f"worker{attempt}", signal.SIGKILL)
         stack.start_worker("survivor")
 
@@ -114,7 +125,9 @@ def test_upload_rides_out_a_short_s3_outage(tmp_path):
         client = Client(stack.settings)
         stack.stop_process("s3")
         job = client.submit_generate("portrait", seed=1, width=SIZE, height=SIZE)
-        wait_until(lambda: "retrying in" in (stack.logs / "worker.log").read_text(), timeout_s=60, what="a failed upload")
+        wait_until(
+            lambda: "retrying in" in (stack.logs / "worker.log").read_text(), timeout_s=60, what="a failed upload"
+        )
         stack.start_s3()  # a fresh S3 (moto keeps nothing), bucket recreated
         record = job.wait(120)
         keys_written = _objects(stack)
@@ -163,7 +176,9 @@ def test_callbacks_retry_with_backoff_and_never_hold_up_jobs(tmp_path, make_rece
         recovered, abandoned, slowed = (client.status(j.job_id) for j in (recovering, lost, hanging))
 
     assert all(r.state is JobState.succeeded for r in others)
-    assert recovered.callback.attempts == 3 and recovered.callback.last_status == 204 and len(down_then_up.requests) == 3
+    assert (
+        recovered.callback.attempts == 3 and recovered.callback.last_status == 204 and len(down_then_up.requests) == 3
+    )
     assert abandoned.callback.attempts == 4 and not abandoned.callback.delivered
     assert abandoned.callback.last_status == 503 and len(always_down.requests) == 4
     assert not slowed.callback.delivered and "timeout" in slowed.callback.last_error.lower()
@@ -175,9 +190,16 @@ def test_poison_job_is_retried_a_bounded_number_of_times_then_dead_lettered(tmp_
         client = Client(stack.settings)
         # A foreign producer's bug: a seed no generator takes. The record parses; every
         # model call with it raises.
-        poison = JobRecord(job_id="poison", kind=JobKind.generate_and_refine, spec=GenerateSpec(prompt="x", width=SIZE, height=SIZE), seed=2**70)
+        poison = JobRecord(
+            job_id="poison",
+            kind=JobKind.generate_and_refine,
+            spec=GenerateSpec(prompt="x", width=SIZE, height=SIZE),
+            seed=2**70,
+        )
         client.store.create(poison)
-        client.celery.send_task(keys.TASK_GENERATE, args=["poison"], task_id="poison", queue=stack.settings.queue_generate)
+        client.celery.send_task(
+            keys.TASK_GENERATE, args=["poison"], task_id="poison", queue=stack.settings.queue_generate
+        )
         good = [client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE) for s in range(3)]
 
         failed = client.wait("poison", 120)

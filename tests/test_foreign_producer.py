@@ -66,7 +66,11 @@ def foreign_record(kind: str, job_id: str, priority: str) -> dict:
     record["spec"]["priority"] = priority
     if kind == "refine_only":
         record["kind"] = "refine_only"
-        record["spec"] = {"kind": "refine_only", "input_uri": "s3://face-refinery/uploads/face.png", "priority": priority}
+        record["spec"] = {
+            "kind": "refine_only",
+            "input_uri": "s3://face-refinery/uploads/face.png",
+            "priority": priority,
+        }
         record["seed"] = None
     return record
 
@@ -77,7 +81,19 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     log = tmp_path / "redis.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp_path),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -196,14 +212,25 @@ def test_a_celery_worker_runs_hand_built_messages_in_priority_order(redis_url: s
     log = tmp_path / "worker.log"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "FOREIGN_REDIS_URL": redis_url}
     argv = [sys.executable, "-m", "celery", "-A", "foreign_app", "worker", "--pool=solo", "--queues=generate"]
-    argv += ["--hostname=foreign@test", "--without-mingle", "--without-gossip", "--without-heartbeat", "--loglevel=INFO"]
+    argv += [
+        "--hostname=foreign@test",
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
+        "--loglevel=INFO",
+    ]
     with open(log, "wb") as out:
         worker = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         wait_until(lambda: client.llen("seen") == 3, timeout_s=60, what="generate jobs run", process=worker, log=log)
         seen = [json.loads(item) for item in client.lrange("seen", 0, -1)]
-        assert [s["job_id"] for s in seen] == [ids[("generate", p)] for p in (Priority.high, Priority.normal, Priority.low)]
-        assert all(s["task"] == keys.TASK_GENERATE and s["kind"] == "generate_and_refine" and s["queue"] == "generate" for s in seen)
+        assert [s["job_id"] for s in seen] == [
+            ids[("generate", p)] for p in (Priority.high, Priority.normal, Priority.low)
+        ]
+        assert all(
+            s["task"] == keys.TASK_GENERATE and s["kind"] == "generate_and_refine" and s["queue"] == "generate"
+            for s in seen
+        )
         # The worker consumed only "generate": the refine job still waits on its own list.
         assert client.llen(list_name("refine", Priority.normal.rank)) == 1
     finally:
@@ -217,7 +244,12 @@ def test_a_celery_worker_runs_hand_built_messages_in_priority_order(redis_url: s
     try:
         wait_until(lambda: client.llen("seen") == 4, timeout_s=60, what="refine job run", process=worker, log=log)
         last = json.loads(client.lindex("seen", -1))
-        assert last == {"task": keys.TASK_REFINE, "job_id": ids[("refine", Priority.normal)], "kind": "refine_only", "queue": "refine"}
+        assert last == {
+            "task": keys.TASK_REFINE,
+            "job_id": ids[("refine", Priority.normal)],
+            "kind": "refine_only",
+            "queue": "refine",
+        }
     finally:
         worker.terminate()
         worker.wait(20)

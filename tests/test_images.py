@@ -36,9 +36,7 @@ def gradient(size: tuple[int, int] = (64, 48)) -> Image.Image:
     """A non-uniform RGB image, so lossy and lossless encodings differ visibly."""
     image = Image.new("RGB", size)
     width, height = size
-    image.putdata(
-        [(x * 4 % 256, y * 5 % 256, x * y % 256) for y in range(height) for x in range(width)]
-    )
+    image.putdata([(x * 4 % 256, y * 5 % 256, x * y % 256) for y in range(height) for x in range(width)])
     return image
 
 
@@ -206,9 +204,7 @@ def test_truncated_images_are_refused(fmt: str) -> None:
         (5_000, 5_000, "declares 5000x5000"),  # below PIL's limits, above ours
     ],
 )
-def test_decompression_bombs_are_refused_from_the_header(
-    width: int, height: int, message: str
-) -> None:
+def test_decompression_bombs_are_refused_from_the_header(width: int, height: int, message: str) -> None:
     data = png_declaring(width, height)
     assert len(data) < 100
 

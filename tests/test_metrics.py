@@ -14,15 +14,30 @@ from worker import metrics
 
 def record(state: JobState, timings_ms: dict[str, float], *, refine: bool = False) -> JobRecord:
     if refine:
-        return JobRecord(job_id="r1", kind="refine_only", spec=RefineSpec(input_uri="s3://bucket/in.png"), state=state, timings_ms=timings_ms)
-    return JobRecord(job_id="g1", kind="generate_and_refine", spec=GenerateSpec(prompt="x"), state=state, timings_ms=timings_ms)
+        return JobRecord(
+            job_id="r1",
+            kind="refine_only",
+            spec=RefineSpec(input_uri="s3://bucket/in.png"),
+            state=state,
+            timings_ms=timings_ms,
+        )
+    return JobRecord(
+        job_id="g1", kind="generate_and_refine", spec=GenerateSpec(prompt="x"), state=state, timings_ms=timings_ms
+    )
 
 
 def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-GENERATE_TIMINGS = {"queue_wait": 1500.0, "generate": 800.0, "refine": 20.0, "encode": 30.0, "upload": 50.0, "total": 900.0}
+GENERATE_TIMINGS = {
+    "queue_wait": 1500.0,
+    "generate": 800.0,
+    "refine": 20.0,
+    "encode": 30.0,
+    "upload": 50.0,
+    "total": 900.0,
+}
 
 
 def test_observe_job_counts_terminal_jobs_and_records_stage_timings() -> None:
@@ -65,7 +80,9 @@ def test_observe_job_counts_terminal_jobs_and_records_stage_timings() -> None:
 def test_refine_only_jobs_are_labelled_by_their_own_kind() -> None:
     labels = {"kind": "refine_only", "state": "succeeded"}
     before = sample("refinery_jobs_total", **labels)
-    metrics.observe_job(record(JobState.succeeded, {"queue_wait": 10.0, "load_input": 40.0, "refine": 5.0}, refine=True))
+    metrics.observe_job(
+        record(JobState.succeeded, {"queue_wait": 10.0, "load_input": 40.0, "refine": 5.0}, refine=True)
+    )
     assert sample("refinery_jobs_total", **labels) - before == 1
     assert sample("refinery_stage_seconds_count", kind="refine_only", stage="load_input") >= 1
 

@@ -11,8 +11,8 @@ from shared.errors import InvalidInput
 from shared.presets import PRESETS, get_preset
 from worker.models import (
     SHARED_COMPONENTS,
-    lent_components,
     generate,
+    lent_components,
     load_pipeline,
     resolve_device,
     resolve_dtype,
@@ -59,7 +59,11 @@ def schnell(cache_dir):
 @pytest.fixture(scope="module")
 def dev(cache_dir, schnell):
     return load_pipeline(
-        get_preset("tiny-dev"), model_path=None, cache_dir=cache_dir, device=CPU, dtype=torch.float32,
+        get_preset("tiny-dev"),
+        model_path=None,
+        cache_dir=cache_dir,
+        device=CPU,
+        dtype=torch.float32,
         shared=lent_components(schnell, get_preset("tiny-schnell")),
     )
 
@@ -119,9 +123,7 @@ def test_racing_savers_both_get_a_complete_directory(tmp_path):
     assert len(set(paths)) == 1 and paths[0].parent == tmp_path
     # The loser's temporary directory is gone; only the complete one remains.
     assert list(tmp_path.iterdir()) == [paths[0]]
-    loaded = load_pipeline(
-        get_preset("tiny-dev"), model_path=None, cache_dir=tmp_path, device=CPU, dtype=torch.float32
-    )
+    loaded = load_pipeline(get_preset("tiny-dev"), model_path=None, cache_dir=tmp_path, device=CPU, dtype=torch.float32)
     built = build_tiny_pipeline("tiny-dev")
     built.set_progress_bar_config(disable=True)
     args = dict(steps=4, preset="tiny-dev")

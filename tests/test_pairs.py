@@ -13,7 +13,6 @@ from refiner.data import PairDataset
 pytestmark = pytest.mark.integration
 
 
-
 def test_pairs_generate_writes_a_resumable_dataset(tmp_path):
     out = tmp_path / "dataset"
     with LocalStack(tmp_path / "stack", max_batch=4) as stack:
@@ -23,7 +22,20 @@ def test_pairs_generate_writes_a_resumable_dataset(tmp_path):
         again = stack.refinery(*args)  # presets default to the settings: the same pair
         more = stack.refinery(*[a if a != "6" else "8" for a in args])
         status = stack.refinery("pairs", "status", "--out", str(out), "--json")
-        wrong = stack.refinery("pairs", "generate", "--count", "1", "--out", "s3://refinery-local/other", "--teacher", "flux-dev", "--width", "256", "--height", "256")
+        wrong = stack.refinery(
+            "pairs",
+            "generate",
+            "--count",
+            "1",
+            "--out",
+            "s3://refinery-local/other",
+            "--teacher",
+            "flux-dev",
+            "--width",
+            "256",
+            "--height",
+            "256",
+        )
     # A new stack (empty S3, no worker): the local directory's pairs still count as written.
     with LocalStack(tmp_path / "stack2") as stack:
         resumed = stack.refinery(*[a if a != "6" else "8" for a in args])

@@ -18,8 +18,16 @@ from producer.prompts import (
     top_values,
 )
 
-REQUIRED = ("age_group", "gender_presentation", "ethnicity_region", "skin_tone", "hair", "expression",
-            "lighting", "name_locale")
+REQUIRED = (
+    "age_group",
+    "gender_presentation",
+    "ethnicity_region",
+    "skin_tone",
+    "hair",
+    "expression",
+    "lighting",
+    "name_locale",
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +53,13 @@ def test_prompt_i_does_not_depend_on_count_or_start(prompts: list[PortraitPrompt
 def test_prompts_are_the_same_in_another_process(prompts: list[PortraitPrompt]) -> None:
     # Faker and `random` must not depend on PYTHONHASHSEED or process state.
     code = "from producer.prompts import build_prompts; print(build_prompts(3, seed=0, start=10)[2].text)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            env={"PYTHONHASHSEED": "123", "PATH": ""})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+    )
     assert result.stdout.strip() == prompts[12].text
 
 

@@ -44,7 +44,9 @@ def life(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("life")
     with LocalStack(root / "stack", max_batch=16) as stack:
         stack.start_worker("pairs", [stack.settings.queue_pairs])
-        made = stack.refinery("pairs", "generate", "--count", PAIRS, "--out", root / "data", "--width", SIZE, "--height", SIZE)
+        made = stack.refinery(
+            "pairs", "generate", "--count", PAIRS, "--out", root / "data", "--width", SIZE, "--height", SIZE
+        )
         assert made.returncode == 0, made.stdout + made.stderr
         stack.stop_process("pairs")
         yield stack, root / "data"
@@ -78,9 +80,24 @@ def _check_served(stack: LocalStack, refiner_dir: Path, data: Path) -> None:
 def test_paired_refiner_beats_the_student_and_a_worker_serves_it(life) -> None:
     stack, data = life
     run = data.parent / "unet-cbam"
-    trained = stack.refinery("train", "--data", data, "--arch", "unet-cbam", "--out", run, "--steps", PAIRED_STEPS,
-                             "--val-every", PAIRED_STEPS // 4, "--sample-every", PAIRED_STEPS, "--checkpoint-every", 0,
-                             *L1_ONLY)
+    trained = stack.refinery(
+        "train",
+        "--data",
+        data,
+        "--arch",
+        "unet-cbam",
+        "--out",
+        run,
+        "--steps",
+        PAIRED_STEPS,
+        "--val-every",
+        PAIRED_STEPS // 4,
+        "--sample-every",
+        PAIRED_STEPS,
+        "--checkpoint-every",
+        0,
+        *L1_ONLY,
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     evaluated = stack.refinery("eval", "--data", data, "--refiner", run / "refiner", "--out", run / "eval")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
@@ -96,17 +113,38 @@ def test_paired_refiner_beats_the_student_and_a_worker_serves_it(life) -> None:
     assert fid["gap_closed"] >= 0.5, fid
     assert detail["student_hf_ratio"] < 0.6, detail
     assert DETAIL_BAND[0] <= detail["refined_hf_ratio"] <= DETAIL_BAND[1], detail
-    assert metrics["pairs"] == len(list((data / "manifest").glob("*.json"))) - json.loads(
-        (run / "refiner" / "refiner.json").read_text())["data"]["train_pairs"]
+    assert (
+        metrics["pairs"]
+        == len(list((data / "manifest").glob("*.json")))
+        - json.loads((run / "refiner" / "refiner.json").read_text())["data"]["train_pairs"]
+    )
     _check_served(stack, run / "refiner", data)
 
 
 def test_cyclegan_trains_a_few_hundred_steps_without_nans_and_a_worker_serves_it(life) -> None:
     stack, data = life
     run = data.parent / "cyclegan"
-    trained = stack.refinery("train", "--data", data, "--arch", "cyclegan", "--out", run, "--steps", CYCLEGAN_STEPS,
-                             "--batch-size", 2, "--base-channels", 16, "--val-every", CYCLEGAN_STEPS // 2,
-                             "--sample-every", CYCLEGAN_STEPS, "--checkpoint-every", 0)
+    trained = stack.refinery(
+        "train",
+        "--data",
+        data,
+        "--arch",
+        "cyclegan",
+        "--out",
+        run,
+        "--steps",
+        CYCLEGAN_STEPS,
+        "--batch-size",
+        2,
+        "--base-channels",
+        16,
+        "--val-every",
+        CYCLEGAN_STEPS // 2,
+        "--sample-every",
+        CYCLEGAN_STEPS,
+        "--checkpoint-every",
+        0,
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     with (run / "metrics.csv").open() as f:
         rows = [row for row in csv.DictReader(f) if row["loss"]]

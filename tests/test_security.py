@@ -48,7 +48,13 @@ def start_redis_server(workdir: Path, port: int, *args: str, ping=None) -> subpr
     with open(log, "wb") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_until(ping or redis.Redis(host="127.0.0.1", port=port, password=PASSWORD).ping, timeout_s=10, what="redis-server", process=process, log=log)
+        wait_until(
+            ping or redis.Redis(host="127.0.0.1", port=port, password=PASSWORD).ping,
+            timeout_s=10,
+            what="redis-server",
+            process=process,
+            log=log,
+        )
     except BaseException:
         process.kill()
         process.wait()
@@ -96,7 +102,12 @@ def test_pickled_message_is_refused_and_the_worker_keeps_serving(stack, client, 
     sender.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
     staging = f"staging-{job_id}"
     sender.send_task(
-        keys.TASK_GENERATE, args=[job_id], kwargs={"payload": WritesAFile(marker)}, task_id=job_id, queue=staging, priority=3
+        keys.TASK_GENERATE,
+        args=[job_id],
+        kwargs={"payload": WritesAFile(marker)},
+        task_id=job_id,
+        queue=staging,
+        priority=3,
     )
     r = client.store.redis
     staged = queue_lists(staging)[1]
@@ -212,7 +223,9 @@ def _certificates(workdir: Path) -> tuple[Path, Path, Path]:
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
     paths[2].write_bytes(
-        server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     return paths
 
@@ -347,7 +360,12 @@ def test_s3_credentials_and_redis_password_are_never_logged(tmp_path, caplog) ->
     logs = {path.name: path.read_text(errors="replace") for path in stack.logs.glob("*.log")}
     assert {"worker.log", "callbacks.log", "s3.log", "redis.log"} <= logs.keys()
     assert "ready" in logs["worker.log"].lower()  # the logs did capture the worker's run
-    for name, text in {**logs, "job records": "\n".join(records), "cli": cli.stdout + cli.stderr, "test process": caplog.text}.items():
+    for name, text in {
+        **logs,
+        "job records": "\n".join(records),
+        "cli": cli.stdout + cli.stderr,
+        "test process": caplog.text,
+    }.items():
         assert secret not in text, f"the S3 secret key appears in {name}"
         assert redis_password not in text, f"the Redis password appears in {name}"
     assert secret.encode() not in dump, "the S3 secret key is stored in Redis"

@@ -228,6 +228,33 @@ def test_paired_loss_parts_and_gradients() -> None:
         PairedLoss(perceptual="vgg")
 
 
+def test_gradient_term_against_the_input_or_the_target() -> None:
+    g = torch.Generator().manual_seed(0)
+    student = torch.rand(2, 3, 32, 32, generator=g)
+    teacher = (student + 0.2 * torch.randn(student.shape, generator=g)).clamp(0, 1)  # more texture
+    output = (0.8 * student + 0.2 * teacher).requires_grad_()  # nearer the input
+    against = {name: PairedLoss(perceptual="none", gradient_against=name) for name in ("target", "input")}
+
+    # The same batch gives different gradient terms, and so different totals.
+    parts = {name: loss(output, teacher, student)[1] for name, loss in against.items()}
+    assert parts["input"]["gradient"] < 0.5 * parts["target"]["gradient"]
+    assert torch.equal(parts["input"]["l1"], parts["target"]["l1"])  # the other terms stay with the target
+    total, _ = against["input"](output, teacher, student)
+    assert torch.allclose(total.detach(), parts["input"]["gradient"] + parts["input"]["l1"])
+    total.backward()
+    assert torch.isfinite(output.grad).all() and output.grad.abs().sum() > 0
+
+    # An output that is its input has no gradient term against the input, whatever the target.
+    assert against["input"](student, teacher, student)[1]["gradient"] == 0
+    assert against["target"](student, teacher, student)[1]["gradient"] > 0.01
+    # "target" ignores the input; "input" cannot do without it.
+    assert torch.equal(against["target"](output, teacher)[0], against["target"](output, teacher, student)[0])
+    with pytest.raises(ValueError, match="source"):
+        against["input"](output, teacher)
+    with pytest.raises(ValueError, match="gradient_against"):
+        PairedLoss(gradient_against="teacher")
+
+
 def test_lpips_loads_local_weights_only(tmp_path: Path) -> None:
     # Random weights with the real key names stand in for torchvision's AlexNet + lpips heads.
     torch.manual_seed(0)
@@ -356,6 +383,8 @@ def test_short_run_writes_metrics_samples_checkpoint_and_export(pairs_dir: Path,
     assert refiner.network.config.base_channels == 8
     card = json.loads((export / "refiner.json").read_text())
     assert card["architecture"] == "unet-cbam" and card["perceptual_loss"] == "ms_ssim"
+    assert card["gradient_against"] == card["config"]["gradient_against"] == "target"  # the default, recorded
+    assert json.loads((out / "config.json").read_text())["gradient_against"] == "target"
     assert card["parameters"] == count_parameters(refiner.network)
     assert card["data"]["pairs"] == PAIRS and card["data"]["val_pairs"] == val_pairs
     metrics = card["metrics"]
@@ -380,6 +409,15 @@ def test_time_budget_stops_early_and_still_exports(pairs_dir: Path, tmp_path: Pa
     assert card["steps"] == 1 and card["stopped_by_time_limit"] is True
     assert (tmp_path / "budget" / "samples" / "step_000001.png").is_file()
     assert torch.load(tmp_path / "budget" / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+def test_gradient_against_input_trains_and_is_recorded(pairs_dir: Path, tmp_path: Path) -> None:
+    export = train(_config(pairs_dir, tmp_path / "input", steps=3, gradient_against="input"))
+    card = json.loads((export / "refiner.json").read_text())
+    assert card["gradient_against"] == card["config"]["gradient_against"] == "input"
+    with (tmp_path / "input" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))[1:]
+    assert len(rows) == 3 and all(np.isfinite(float(r["gradient"])) for r in rows)
 
 
 @pytest.mark.parametrize("arch", ["unet-cbam", "cyclegan"])
@@ -487,6 +525,10 @@ def test_learning_rate_schedule_and_cli_parsing() -> None:
     )
     assert (parsed.init, parsed.seed, parsed.resume, parsed.channel_mults) == ("r", 5, True, (1, 2))
     assert TrainConfig(data="d", out="o", arch="cyclegan").resolved().lr == 2e-4
+    assert parsed.gradient_against == "target"
+    assert config_from_args(["--data", "d", "--out", "o", "--gradient-against", "input"]).gradient_against == "input"
+    with pytest.raises(ValueError, match="gradient_against"):
+        TrainConfig(data="d", out="o", gradient_against="teacher").resolved()
     assert TrainConfig(data="d", out="o", lpips_weights="w.pth").resolved().perceptual == "lpips"
     with pytest.raises(ValueError, match="arch"):
         TrainConfig(data="d", out="o", arch="gan").resolved()

@@ -29,7 +29,9 @@ def flux_registry(tmp_path) -> ModelRegistry:
 
 def test_a_flux_worker_refuses_a_tiny_generate_job(flux_registry):
     job = GenerateJob(flux_registry, Storage(flux_registry.settings), flux_registry.settings)
-    record = JobRecord(job_id="j", kind="generate_and_refine", spec=GenerateSpec(prompt="p", width=32, height=512), seed=1)
+    record = JobRecord(
+        job_id="j", kind="generate_and_refine", spec=GenerateSpec(prompt="p", width=32, height=512), seed=1
+    )
     with pytest.raises(InvalidInput, match="at least 256 for preset 'flux-schnell'") as raised:
         job.prepare(record, StageTimer())
     assert raised.value.code == "invalid_input" and raised.value.field == "width"
@@ -42,7 +44,14 @@ def test_a_flux_worker_refuses_a_tiny_generate_job(flux_registry):
 def test_a_flux_pairs_worker_refuses_a_tiny_pair(flux_registry):
     job = PairJob(flux_registry, Storage(flux_registry.settings), flux_registry.settings)
     spec = PairSpec(
-        prompt="p", seed=1, width=512, height=64, dataset="s3://refinery/d", pair_id="0", student="flux-schnell", teacher="flux-dev"
+        prompt="p",
+        seed=1,
+        width=512,
+        height=64,
+        dataset="s3://refinery/d",
+        pair_id="0",
+        student="flux-schnell",
+        teacher="flux-dev",
     )
     with pytest.raises(InvalidInput, match="at least 256") as raised:
         job.prepare(JobRecord(job_id="j", kind="pair", spec=spec, seed=1), StageTimer())

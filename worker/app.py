@@ -52,7 +52,9 @@ def make_app(settings: Settings, runner: JobRunner | None = None) -> Celery:
             deliver_job_callback(settings, store, job_id, event)
         except CallbackFailed as exc:
             if task.request.retries >= settings.callback_max_retries:
-                logger.warning("job %s: callback abandoned after %d attempts: %s", job_id, task.request.retries + 1, exc)
+                logger.warning(
+                    "job %s: callback abandoned after %d attempts: %s", job_id, task.request.retries + 1, exc
+                )
                 return
             # Exponential backoff, capped; the job's own state is already final.
             countdown = min(settings.callback_backoff_max_s, 2**task.request.retries)

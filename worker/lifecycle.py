@@ -95,7 +95,9 @@ class JobRunner:
             self._finish(job_id, JobState.succeeded, timer, outcome=outcome)
         except RefineryError as exc:
             logger.warning("job %s: failed with %s: %s", job_id, exc.code, exc)
-            self._finish(job_id, JobState.failed, timer, error=JobError(code=exc.code, message=exc.message, field=exc.field))
+            self._finish(
+                job_id, JobState.failed, timer, error=JobError(code=exc.code, message=exc.message, field=exc.field)
+            )
         except Exception as exc:  # the job boundary: one bad job must not stop the worker
             logger.exception("job %s: internal error in attempt %d", job_id, record.attempts)
             error = JobError(code="internal_error", message=f"{type(exc).__name__}: {exc}")
@@ -130,7 +132,9 @@ class JobRunner:
                 return None
             now = utcnow()
             if record.expires_at is not None and now > record.expires_at:
-                error = JobError(code="expired", message=f"still queued at its deadline {record.expires_at.isoformat()}")
+                error = JobError(
+                    code="expired", message=f"still queued at its deadline {record.expires_at.isoformat()}"
+                )
             elif record.attempts >= self.settings.max_attempts:
                 error = JobError(code="worker_lost", message=f"its worker died in all {record.attempts} attempts")
             else:
@@ -234,7 +238,9 @@ class JobRunner:
         logger.info("job %s: cancelled while running; nothing published", job_id)
 
 
-def build_runner(settings: Settings, worker_name: str, kinds: list[JobKind], notify: Callable[[str, str], None]) -> JobRunner:
+def build_runner(
+    settings: Settings, worker_name: str, kinds: list[JobKind], notify: Callable[[str, str], None]
+) -> JobRunner:
     """Load and warm the models these job kinds need, before the worker consumes."""
     registry = ModelRegistry(settings)
     storage = Storage(settings)

@@ -38,9 +38,7 @@ def run_worker(settings: Settings, queues: list[str], *, loglevel: str = "INFO",
 
         # Callbacks are sent with a producer's app: the worker's own is built around the runner.
         sender = make_celery(settings)
-        runner = build_runner(
-            settings, hostname, kinds_served(settings, queues), notify=partial(send_callback, sender)
-        )
+        runner = build_runner(settings, hostname, kinds_served(settings, queues), notify=partial(send_callback, sender))
     app = make_app(settings, runner)
     app.worker_main(
         [

@@ -35,7 +35,10 @@ STAGE_SECONDS = Histogram(
     "refinery_stage_seconds", "Time spent in one stage of a job.", ["kind", "stage"], buckets=_STAGE_BUCKETS
 )
 JOB_SECONDS = Histogram(
-    "refinery_job_seconds", "Time a worker spent on a job, all stages (timings_ms.total).", ["kind"], buckets=_STAGE_BUCKETS
+    "refinery_job_seconds",
+    "Time a worker spent on a job, all stages (timings_ms.total).",
+    ["kind"],
+    buckets=_STAGE_BUCKETS,
 )
 BATCH_SIZE = Histogram("refinery_batch_size", "Jobs run together in one model call.", ["kind"], buckets=_BATCH_BUCKETS)
 MODEL_LOAD = Gauge("refinery_model_load_seconds", "Seconds it took to load a resident model.", ["model"])

@@ -64,7 +64,9 @@ class ModelRegistry:
         if self.batch_invariant:
             make_batch_invariant(pipe)
         self.load_seconds[preset.name] = round(time.perf_counter() - started, 3)
-        logger.info("loaded %s on %s (%s) in %.1f s", preset.name, self.device, self.dtype, self.load_seconds[preset.name])
+        logger.info(
+            "loaded %s on %s (%s) in %.1f s", preset.name, self.device, self.dtype, self.load_seconds[preset.name]
+        )
         return pipe
 
     @cached_property

@@ -59,7 +59,12 @@ TRANSFORMERS = {
     # For benchmarks: a schnell-like transformer large enough that one 256x256 image costs
     # a few hundred ms on a 2-core CPU, the regime where real jobs (seconds each) live.
     "bench-schnell": TransformerSpec(
-        seed=2003, guidance_embeds=False, num_layers=3, num_single_layers=6, num_attention_heads=4, attention_head_dim=64
+        seed=2003,
+        guidance_embeds=False,
+        num_layers=3,
+        num_single_layers=6,
+        num_attention_heads=4,
+        attention_head_dim=64,
     ),
 }
 

@@ -68,7 +68,13 @@ class ModelOutput:
 
 
 def publish_image(
-    storage: Storage, record: JobRecord, output: ModelOutput, provenance: Provenance, *, keep_raw: bool, timer: StageTimer
+    storage: Storage,
+    record: JobRecord,
+    output: ModelOutput,
+    provenance: Provenance,
+    *,
+    keep_raw: bool,
+    timer: StageTimer,
 ) -> Published:
     """Upload the refined image (or the raw one, when not refined), and the raw one too if asked."""
     fmt = record.spec.output_format

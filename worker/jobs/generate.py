@@ -49,7 +49,9 @@ class GenerateJob:
             raise InvalidInput("the job record carries no seed", field="seed")
         steps = spec.steps or preset.steps
         guidance = preset.guidance if spec.guidance is None else spec.guidance
-        return GenerateKey(spec.width, spec.height, steps, guidance), GenerateItem(spec.prompt, record.seed, spec.refine)
+        return GenerateKey(spec.width, spec.height, steps, guidance), GenerateItem(
+            spec.prompt, record.seed, spec.refine
+        )
 
     def run_batch(self, key: GenerateKey, items: list[GenerateItem]) -> list[ModelOutput]:
         timer = StageTimer()

@@ -77,7 +77,9 @@ class PairJob:
                     guidance=preset.guidance,
                     max_sequence_length=preset.max_sequence_length,
                 )  # (B, 3, H, W)
-        return [PairOutput({role: images[role][i] for role in PAIR_IMAGES}, timer.ms, len(items)) for i in range(len(items))]
+        return [
+            PairOutput({role: images[role][i] for role in PAIR_IMAGES}, timer.ms, len(items)) for i in range(len(items))
+        ]
 
     def publish(self, record: JobRecord, output: PairOutput, timer: StageTimer) -> Published:
         spec = record.spec
@@ -109,5 +111,7 @@ class PairJob:
                 self.storage.put(uris[role], encoded[role], CONTENT_TYPES[OutputFormat.png])
             # Last: a manifest row means a complete pair (what resuming relies on).
             self.storage.put(uris["manifest"], row.model_dump_json().encode(), "application/json")
-        result = JobResult(uri=uris["manifest"], width=spec.width, height=spec.height, format=OutputFormat.png, files=uris)
+        result = JobResult(
+            uri=uris["manifest"], width=spec.width, height=spec.height, format=OutputFormat.png, files=uris
+        )
         return Published(result, refiner=None)
