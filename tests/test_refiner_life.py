@@ -37,6 +37,8 @@ PAIRED_STEPS, BOUND_OVER_STUDENT, BOUND_OVER_AFFINE = 300, 0.85, 0.95
 DETAIL_BAND = (0.75, 1.25)
 L1_ONLY = ("--gradient-weight", 0, "--perceptual-weight", 0)
 CYCLEGAN_STEPS = 200
+# Training runs a fixed number of steps: a busy machine only takes longer, so the limit is generous.
+TRAIN_TIMEOUT_S = 900
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +99,7 @@ def test_paired_refiner_beats_the_student_and_a_worker_serves_it(life) -> None:
         "--checkpoint-every",
         0,
         *L1_ONLY,
+        timeout_s=TRAIN_TIMEOUT_S,
     )
     assert trained.returncode == 0, trained.stderr[-2000:]
     evaluated = stack.refinery("eval", "--data", data, "--refiner", run / "refiner", "--out", run / "eval")
@@ -144,6 +147,7 @@ def test_cyclegan_trains_a_few_hundred_steps_without_nans_and_a_worker_serves_it
         CYCLEGAN_STEPS,
         "--checkpoint-every",
         0,
+        timeout_s=TRAIN_TIMEOUT_S,
     )
     assert trained.returncode == 0, trained.stderr[-2000:]
     with (run / "metrics.csv").open() as f:
