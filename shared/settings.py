@@ -108,11 +108,13 @@ class Settings(BaseSettings):
     callback_on_running: bool = False
 
     # Quality: every refined image's detail ratio (its high-frequency energy over its
-    # input's) is scored, and a job is flagged when the ratio leaves [min, max], or lies more
-    # than quality_max_sigmas robust sigmas from the running median of its refiner version's
-    # last quality_window scores (once quality_min_samples have been seen).
+    # input's) is scored, and a job is flagged when the ratio falls below min (or rises
+    # above max, when set), or lies more than quality_max_sigmas robust sigmas from the
+    # running median of its refiner version's last quality_window scores (once
+    # quality_min_samples have been seen). No default ceiling: how much detail a refiner
+    # rightly adds depends on how much its generator loses (about 9x on the offline doubles).
     quality_min_detail_ratio: float = Field(0.9, ge=0)
-    quality_max_detail_ratio: float = Field(4.0, gt=0)
+    quality_max_detail_ratio: float | None = Field(None, gt=0)
     quality_max_sigmas: float = Field(4.0, gt=0)
     quality_window: int = Field(1000, ge=2)
     quality_min_samples: int = Field(50, ge=2)

@@ -73,7 +73,9 @@ def test_detail_ratio_separates_restored_detail_from_blur(blurring_refiner_dir):
 
 
 def test_monitor_flags_bounds_then_outliers_of_the_running_distribution():
-    monitor = QualityMonitor(Settings(_env_file=None, quality_min_samples=20, quality_window=100))
+    monitor = QualityMonitor(
+        Settings(_env_file=None, quality_min_samples=20, quality_window=100, quality_max_detail_ratio=4.0)
+    )
     low = monitor.judge("v1", 0.5)
     assert low.flagged and "removed detail" in low.reason
     assert monitor.judge("v1", 5.0).flagged

@@ -41,7 +41,7 @@ class QualityMonitor:
     def _outside_bounds(self, ratio: float) -> str | None:
         if ratio < self.low:
             return f"detail ratio {ratio:.3f} below {self.low}: the refiner removed detail"
-        if ratio > self.high:
+        if self.high is not None and ratio > self.high:
             return f"detail ratio {ratio:.3f} above {self.high}: the refiner added noise"
         return None
 
