@@ -61,8 +61,9 @@ def test_default_parameter_count_is_small() -> None:
     assert 300_000 < count < 2_000_000
 
 
-def test_identity_when_no_weights(images: torch.Tensor) -> None:
-    refiner = load_refiner(None)
+@pytest.mark.parametrize("path", [None, "identity"])  # unset, or REFINERY_REFINER_PATH=identity
+def test_identity_when_no_weights(images: torch.Tensor, path: str | None) -> None:
+    refiner = load_refiner(path)
     assert refiner.version == "identity"
     assert not refiner.network.training
     assert torch.equal(refiner(images), images)
