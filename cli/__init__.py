@@ -44,6 +44,7 @@ for command in (
     refiner.train,
     refiner.evaluate,
     worker.worker,
+    worker.workers,
     demo.demo,
 ):
     refinery.add_command(command)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import click
+import json
 
+import click
+from rich.table import Table
+
+from cli.common import console, make_client
 from shared.settings import get_settings
 
 
@@ -21,3 +25,24 @@ def worker(queues: str | None, preset: str | None, loglevel: str, name: str | No
         settings = settings.model_copy(update={"model_preset": preset})
     names = queues.split(",") if queues else [settings.queue_generate, settings.queue_refine]
     run_worker(settings, [q.strip() for q in names if q.strip()], loglevel=loglevel, name=name)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: worker name -> its record.")
+def workers(as_json: bool) -> None:
+    """Live workers: what each serves, and where it serves its Prometheus metrics."""
+    live = make_client().store.workers()
+    if as_json:
+        click.echo(json.dumps(live, sort_keys=True))
+        return
+    table = Table(title=f"{len(live)} live workers")
+    for column in ("worker", "queues", "preset", "device", "refiner", "metrics"):
+        table.add_column(column, overflow="fold")  # addresses are read whole, not cut
+    for name, info in sorted(live.items()):
+        queues = info.get("queues")
+        table.add_row(
+            name,
+            ",".join(map(str, queues)) if isinstance(queues, list) else "-",
+            *(str(info.get(key) or "-") for key in ("preset", "device", "refiner", "metrics_url")),
+        )
+    console.print(table)

@@ -92,8 +92,11 @@ class Settings(BaseSettings):
     # Then it fails (worker_lost or internal_error) and is listed in the dead-letter list.
     max_attempts: int = Field(3, ge=1)
     callback_concurrency: int = Field(8, ge=1)
-    # Prometheus /metrics of each worker process (0: off).
+    # Prometheus /metrics of each worker process (0: off). Several workers on one host each
+    # take the first free port of metrics_port .. metrics_port + metrics_port_span - 1, and
+    # publish the address they got in their worker record (`refinery workers`).
     metrics_port: int = Field(9808, ge=0, le=65535)
+    metrics_port_span: int = Field(16, ge=1, le=1024)
 
     # Input limits.
     max_input_bytes: int = Field(20 * 1024 * 1024, gt=0)

@@ -3,9 +3,11 @@ and two workers sharing one Redis."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import Counter
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -14,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devstack.stack import LocalStack, free_port, wait_until
 from producer.client import Client
 from shared.jobs import JobState
+from shared.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +52,29 @@ def test_worker_metrics_count_the_jobs_it_ran(tmp_path):
     assert samples[("refinery_batch_size_count", (("kind", "generate_and_refine"),))] == 3
     info = [labels for name, labels in samples if name == "refinery_worker_info"]
     assert ("preset", "tiny-schnell") in info[0] and ("device", "cpu") in info[0]
+
+
+def test_workers_on_one_host_with_the_default_metrics_port_each_serve_and_publish_their_own(tmp_path):
+    base = Settings(_env_file=None).metrics_port  # what a user keeps: the same port for every worker
+    with LocalStack(tmp_path) as stack:
+        stack.start_worker("one", metrics_port=base)
+        stack.start_worker("two", metrics_port=base)
+        stack.start_worker("callbacks", [stack.settings.queue_callbacks], metrics_port=base)
+        listed = stack.refinery("workers", "--json")
+        assert listed.returncode == 0, listed.stderr
+        live = json.loads(listed.stdout)
+        ports = {name: urlsplit(info["metrics_url"]).port for name, info in live.items()}
+        served = {name: _samples(f"http://127.0.0.1:{port}/metrics") for name, port in ports.items()}
+        table = stack.refinery("workers")
+
+    assert sorted(live) == ["callbacks@localstack", "one@localstack", "two@localstack"]
+    assert len(set(ports.values())) == 3 and all(base <= port < base + 16 for port in ports.values())
+    assert live["one@localstack"]["queues"] == ["generate", "refine"] == live["two@localstack"]["queues"]
+    assert live["callbacks@localstack"]["queues"] == ["callbacks"]
+    for name, samples in served.items():
+        info = [dict(labels) for metric, labels in samples if metric == "refinery_worker_info"][0]
+        assert info["preset"] == ("" if name.startswith("callbacks") else "tiny-schnell"), name
+    assert table.returncode == 0 and "3 live workers" in table.stdout
 
 
 def test_two_workers_share_a_burst_and_none_runs_twice(tmp_path):

@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def make_app(settings: Settings, runner: JobRunner | None = None) -> Celery:
-    """The callbacks task always; the model tasks when given the runner that serves them."""
+def make_app(settings: Settings, runner: JobRunner | None = None, metrics_url: str | None = None) -> Celery:
+    """The callbacks task always; the model tasks when given the runner that serves them.
+    ``metrics_url``: where this worker serves Prometheus, published in its worker record."""
     app = make_celery(settings)
     store = JobStore.from_settings(settings)
 
@@ -64,7 +65,8 @@ def make_app(settings: Settings, runner: JobRunner | None = None) -> Celery:
         """Publish what this worker serves (preset, device, dtype, refiner) for status tools."""
         info: dict[str, object] = runner.registry.describe() if runner is not None else {"role": "callbacks"}
         metrics.set_worker_info(info)
-        store.register_worker(sender.hostname, info)
+        queues = sorted(sender.app.amqp.queues.consume_from or ())
+        store.register_worker(sender.hostname, {**info, "queues": queues, "metrics_url": metrics_url})
 
     def retire(sender: Any, **_: object) -> None:
         store.unregister_worker(sender.hostname)

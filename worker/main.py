@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from functools import partial
 
 from celery.utils.nodenames import host_format
@@ -31,7 +32,8 @@ def run_worker(settings: Settings, queues: list[str], *, loglevel: str = "INFO",
     from worker import metrics
     from worker.app import make_app
 
-    metrics.start_metrics_server(settings.metrics_port)
+    metrics_port = metrics.start_metrics_server(settings.metrics_port, settings.metrics_port_span)
+    metrics_url = f"http://{socket.gethostname()}:{metrics_port}/metrics" if metrics_port else None
     runner = None
     if served:
         from worker.lifecycle import build_runner
@@ -39,7 +41,7 @@ def run_worker(settings: Settings, queues: list[str], *, loglevel: str = "INFO",
         # Callbacks are sent with a producer's app: the worker's own is built around the runner.
         sender = make_celery(settings)
         runner = build_runner(settings, hostname, kinds_served(settings, queues), notify=partial(send_callback, sender))
-    app = make_app(settings, runner)
+    app = make_app(settings, runner, metrics_url=metrics_url)
     app.worker_main(
         [
             "worker",

@@ -11,12 +11,14 @@ the worker process already loaded torch and CUDA is available.
 
 from __future__ import annotations
 
+import errno
 import sys
 import threading
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
+from shared.errors import InvalidInput
 from shared.jobs import JobRecord
 
 STAGES = ("load_input", "generate", "refine", "encode", "upload")
@@ -56,14 +58,27 @@ _server_lock = threading.Lock()
 _server: Any = None
 
 
-def start_metrics_server(port: int, host: str = "0.0.0.0") -> None:
-    """Serve ``/metrics`` from a daemon thread; port 0 disables it. A second call is a no-op."""
+def start_metrics_server(port: int, span: int = 1, host: str = "0.0.0.0") -> int | None:
+    """Serve ``/metrics`` from a daemon thread on the first free port of ``port .. port +
+    span - 1``, and return it; port 0 disables it (None). A second call returns the first's.
+
+    Raises ``InvalidInput`` when every port of the span is taken."""
     global _server
     if not port:
-        return
+        return None
     with _server_lock:
         if _server is None:
-            _server = start_http_server(port, addr=host)
+            for candidate in range(port, min(port + span, 65536)):
+                try:
+                    _server = start_http_server(candidate, addr=host)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+            else:
+                raise InvalidInput(f"ports {port}..{port + span - 1} are all in use", field="metrics_port")
+        server, _ = _server
+        return server.server_port
 
 
 def stop_metrics_server() -> None:
