@@ -136,11 +136,23 @@ def test_flower_lists_the_worker_and_its_finished_tasks(tmp_path):
             return finished_in_flower(seen[-1:])
 
         wait_until(a_job_seen_finished, timeout_s=90, what="flower receiving events")
-        # From then on every finished job is listed.
-        records = [
-            client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE).wait(60) for s in range(100, 102)
-        ]
-        wait_until(lambda: finished_in_flower(records), timeout_s=60, what="tasks in flower")
+
+        # From then on finished jobs are listed. Task events travel over Redis pub/sub, where
+        # one lost message is lost for good (seen about once in ten suite runs here), so a
+        # pair of jobs gets a second chance with a new pair before the test fails.
+        def a_pair_listed(first_seed: int) -> bool:
+            pair = [
+                client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE).wait(60)
+                for s in (first_seed, first_seed + 1)
+            ]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if finished_in_flower(pair):
+                    return True
+                time.sleep(0.2)
+            return False
+
+        assert a_pair_listed(100) or a_pair_listed(200), "finished tasks missing from flower"
 
         def worker_listed() -> bool:
             # A refresh broadcasts `inspect` to the workers; a busy moment can miss one reply.
