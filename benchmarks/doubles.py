@@ -26,20 +26,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import FluxPipeline
-from PIL import Image, ImageDraw
 
 from producer.prompts import build_prompts
 from refiner.extractors import build_extractor
 from refiner.metrics import HF_CUTOFF, fid_kid, quantize, spectral_scores
+from refiner.report import sample_grid
 from shared.presets import get_preset
 from worker import tiny_flux
 from worker.models import generate, load_pipeline
@@ -100,27 +98,12 @@ def detail_and_relation(student: torch.Tensor, teacher: torch.Tensor) -> dict[st
 
 
 def contact_sheet(path: Path, student: torch.Tensor, teacher: torch.Tensor, note: str) -> None:
-    """One pair per row, `student | teacher`, enlarged (nearest) to 128 px, each row labelled
-    with the student's high-frequency energy over its teacher's."""
+    """One pair per row, `student | teacher`, each row labelled with the student's
+    high-frequency energy over its teacher's."""
     _, hf_student = spectral_scores(student)
     _, hf_teacher = spectral_scores(teacher)
-    scale = max(1, math.ceil(128 / student.shape[-1]))
-    side, gap, header, caption, footer = student.shape[-1] * scale, 4, 18, 96, 18
-    canvas = Image.new("RGB", (caption + 2 * side + gap, header + len(student) * (side + gap) + footer), "white")
-    draw = ImageDraw.Draw(canvas)
-    for column, label in enumerate(("tiny-schnell", "tiny-dev")):
-        draw.text((caption + column * (side + gap) + 4, 3), label, fill="black")
-    for row in range(len(student)):
-        y = header + row * (side + gap)
-        for column, image in enumerate((student[row], teacher[row])):
-            array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            canvas.paste(
-                Image.fromarray(array).resize((side, side), Image.NEAREST), (caption + column * (side + gap), y)
-            )
-        draw.text((4, y + 4), f"HF ratio\n{(hf_student[row] / hf_teacher[row]).item():.2f}", fill="black")
-    draw.text((4, canvas.height - footer + 3), note, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    rows = [(f"HF ratio {(s / t).item():.2f}", *pair) for s, t, *pair in zip(hf_student, hf_teacher, student, teacher)]
+    sample_grid(path, rows, title=[note], columns=("tiny-schnell", "tiny-dev"))
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ Plots are drawn with PIL, so evaluation needs no plotting library.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +66,19 @@ def plot_spectra(path: Path, frequencies: np.ndarray, spectra: dict[str, np.ndar
 
 def sample_grid(
     path: Path,
-    samples: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]],
-    labels: list[tuple[str, str, str]] | None = None,
+    samples: Sequence[tuple[Any, ...]],
+    labels: Sequence[Sequence[str]] | None = None,
     title: list[str] | None = None,
+    columns: tuple[str, ...] = ("student", "refined", "teacher"),
 ) -> None:
-    """One pair per row, `student | refined | teacher`, its id on the left; small images are
-    enlarged (nearest neighbour) to at least 128 px so texture stays visible. `labels`: a
-    line over each image of each row; `title`: lines over the whole grid."""
+    """One pair per row, `(row label, one (3, H, W) image per column)`, the label on the left;
+    small images are enlarged (nearest neighbour) to at least 128 px so texture stays
+    visible. `labels`: a line over each image of each row; `title`: lines over the grid."""
     line = 14
     header, caption = 16 + line * len(title or ()), 110
     rows = []
     for pair_id, *images in samples:
-        strip = to_pil(torch.cat(images, dim=-1))  # student | refined | teacher, (3, H, 3W)
+        strip = to_pil(torch.cat(images, dim=-1))  # one image per column, side by side
         scale = max(1, math.ceil(128 / strip.height))
         rows.append((pair_id, strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST)))
     above = line if labels else 0  # room for each row's labels
@@ -85,8 +87,8 @@ def sample_grid(
     draw = ImageDraw.Draw(canvas)
     for index, text in enumerate(title or ()):
         draw.text((4, 2 + index * line), text, fill="black")
-    column = rows[0][1].width // 3
-    for index, name in enumerate(("student", "refined", "teacher")):
+    column = rows[0][1].width // len(columns)
+    for index, name in enumerate(columns):
         draw.text((caption + index * column + 4, header - 14), name, fill="black")
     y = header
     for index, (pair_id, row) in enumerate(rows):

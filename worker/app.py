@@ -8,6 +8,7 @@ callbacks worker has no runner and never imports torch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
@@ -27,10 +28,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def make_app(settings: Settings, runner: JobRunner | None = None, metrics_url: str | None = None) -> Celery:
-    """The callbacks task always; the model tasks when given the runner that serves them.
+def make_app(
+    settings: Settings,
+    build_runner: Callable[[Celery], JobRunner] | None = None,
+    metrics_url: str | None = None,
+) -> Celery:
+    """The callbacks task always; the model tasks when given ``build_runner``, which builds
+    the runner that serves them around this app (it sends their callbacks through it).
     ``metrics_url``: where this worker serves Prometheus, published in its worker record."""
     app = make_celery(settings)
+    runner = build_runner(app) if build_runner is not None else None
     store = JobStore.from_settings(settings)
 
     if runner is not None:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import socket
 from functools import partial
+from typing import TYPE_CHECKING
 
+from celery import Celery
 from celery.utils.nodenames import host_format
 
-from shared.broker import make_celery
 from shared.errors import InvalidInput
 from shared.routing import kinds_served, model_queues, send_callback
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.lifecycle import JobRunner
 
 
 def run_worker(settings: Settings, queues: list[str], *, loglevel: str = "INFO", name: str | None = None) -> None:
@@ -34,14 +38,16 @@ def run_worker(settings: Settings, queues: list[str], *, loglevel: str = "INFO",
 
     metrics_port = metrics.start_metrics_server(settings.metrics_port, settings.metrics_port_span)
     metrics_url = f"http://{socket.gethostname()}:{metrics_port}/metrics" if metrics_port else None
-    runner = None
+    build = None
     if served:
         from worker.lifecycle import build_runner
 
-        # Callbacks are sent with a producer's app: the worker's own is built around the runner.
-        sender = make_celery(settings)
-        runner = build_runner(settings, hostname, kinds_served(settings, queues), notify=partial(send_callback, sender))
-    app = make_app(settings, runner, metrics_url=metrics_url)
+        kinds = kinds_served(settings, queues)
+
+        def build(app: Celery) -> JobRunner:
+            return build_runner(settings, hostname, kinds, notify=partial(send_callback, app))
+
+    app = make_app(settings, build, metrics_url=metrics_url)
     app.worker_main(
         [
             "worker",

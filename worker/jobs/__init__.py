@@ -16,7 +16,7 @@ from worker.jobs.pair import PairJob
 from worker.jobs.refine import RefineJob
 from worker.registry import ModelRegistry
 
-HANDLERS: dict[JobKind, type] = {
+HANDLERS: dict[JobKind, type[JobHandler]] = {
     JobKind.generate_and_refine: GenerateJob,
     JobKind.refine_only: RefineJob,
     JobKind.pair: PairJob,

@@ -8,15 +8,18 @@ finally, unless the job was cancelled meanwhile, asks the handler to ``publish``
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import torch
 
 from refiner.pixels import to_pil
 from shared.images import CONTENT_TYPES, EXTENSIONS, Provenance, encode_image
 from shared.jobs import JobKind, JobRecord, JobResult, Quality
+from shared.settings import Settings
 from shared.storage import Storage
+from worker.registry import ModelRegistry
 from worker.timing import StageTimer
 
 
@@ -36,26 +39,35 @@ class Published:
     quality: Quality | None = None
 
 
-class JobHandler(Protocol):
+class JobHandler(ABC):
     kind: ClassVar[JobKind]
     Key: ClassVar[type[BatchKey]]
     pipelines: ClassVar[tuple[str, ...]]  # the registry's pipelines it uses: "pipeline", "teacher"
-    generator: str | None  # the preset that generates this kind's images, for the record
 
+    def __init__(self, models: ModelRegistry, storage: Storage, settings: Settings) -> None:
+        self.models = models
+        self.storage = storage
+        self.settings = settings
+
+    @property
+    def generator(self) -> str | None:
+        """The preset that generates this kind's images, for the record."""
+        return None
+
+    @abstractmethod
     def prepare(self, record: JobRecord, timer: StageTimer) -> tuple[BatchKey, Any]:
         """Check the job against what this worker serves and load its input. Runs in the
         job's own thread; raises ``RefineryError`` for a job that cannot run here."""
-        ...
 
-    def run_batch(self, key: BatchKey, items: list[Any]) -> list[Any]:
+    @abstractmethod
+    def run_batch(self, key: Any, items: list[Any]) -> list[Any]:
         """One model call for the batch; one output per item, each with the batch's
         ``timings_ms``. Runs on the batcher's model thread."""
-        ...
 
+    @abstractmethod
     def publish(self, record: JobRecord, output: Any, timer: StageTimer) -> Published:
         """Encode and upload the job's files (its S3 keys derive from the job, so a
         redelivery overwrites rather than duplicates)."""
-        ...
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,8 @@ from typing import ClassVar
 from shared.errors import InvalidInput
 from shared.images import TRAINED_ALGORITHMIC_MEDIA, Provenance
 from shared.jobs import GenerateSpec, JobKind, JobRecord
-from shared.settings import Settings
-from shared.storage import Storage
-from worker.jobs.base import BatchKey, ModelOutput, Published, publish_image
+from worker.jobs.base import BatchKey, JobHandler, ModelOutput, Published, publish_image
 from worker.models import generate
-from worker.registry import ModelRegistry
 from worker.timing import StageTimer
 
 
@@ -29,15 +26,14 @@ class GenerateItem:
     refine: bool
 
 
-class GenerateJob:
+class GenerateJob(JobHandler):
     kind: ClassVar[JobKind] = JobKind.generate_and_refine
     pipelines: ClassVar[tuple[str, ...]] = ("pipeline",)
     Key: ClassVar[type[BatchKey]] = GenerateKey
 
-    def __init__(self, models: ModelRegistry, storage: Storage, settings: Settings) -> None:
-        self.models = models
-        self.storage = storage
-        self.generator = models.preset.name
+    @property
+    def generator(self) -> str:
+        return self.models.preset.name
 
     def prepare(self, record: JobRecord, timer: StageTimer) -> tuple[GenerateKey, GenerateItem]:
         spec = record.spec

@@ -14,12 +14,9 @@ from shared.errors import InvalidInput
 from shared.images import CONTENT_TYPES, TRAINED_ALGORITHMIC_MEDIA, Provenance, encode_image
 from shared.jobs import JobKind, JobRecord, JobResult, OutputFormat, PairSpec, parse_s3_uri
 from shared.presets import Preset
-from shared.settings import Settings
-from shared.storage import Storage
-from worker.jobs.base import BatchKey, Published
+from worker.jobs.base import BatchKey, JobHandler, Published
 from worker.jobs.generate import GenerateItem
 from worker.models import generate
-from worker.registry import ModelRegistry
 from worker.timing import StageTimer
 
 
@@ -35,16 +32,10 @@ class PairOutput:
     batch_size: int  # images in the model call that made these
 
 
-class PairJob:
+class PairJob(JobHandler):
     kind: ClassVar[JobKind] = JobKind.pair
     pipelines: ClassVar[tuple[str, ...]] = ("pipeline", "teacher")
     Key: ClassVar[type[BatchKey]] = PairKey
-    generator = None
-
-    def __init__(self, models: ModelRegistry, storage: Storage, settings: Settings) -> None:
-        self.models = models
-        self.storage = storage
-        self.settings = settings
 
     @property
     def presets(self) -> dict[str, Preset]:

@@ -10,10 +10,7 @@ import torch
 from refiner.pixels import to_tensor
 from shared.images import ALGORITHMICALLY_ENHANCED, Provenance, decode_image
 from shared.jobs import JobKind, JobRecord, RefineSpec
-from shared.settings import Settings
-from shared.storage import Storage
-from worker.jobs.base import BatchKey, ModelOutput, Published, publish_image
-from worker.registry import ModelRegistry
+from worker.jobs.base import BatchKey, JobHandler, ModelOutput, Published, publish_image
 from worker.timing import StageTimer
 
 
@@ -22,16 +19,10 @@ class RefineKey(BatchKey):
     pass
 
 
-class RefineJob:
+class RefineJob(JobHandler):
     kind: ClassVar[JobKind] = JobKind.refine_only
     pipelines: ClassVar[tuple[str, ...]] = ()
     Key: ClassVar[type[BatchKey]] = RefineKey
-    generator = None
-
-    def __init__(self, models: ModelRegistry, storage: Storage, settings: Settings) -> None:
-        self.models = models
-        self.storage = storage
-        self.settings = settings
 
     def prepare(self, record: JobRecord, timer: StageTimer) -> tuple[RefineKey, torch.Tensor]:
         spec = record.spec
