@@ -44,6 +44,7 @@ for command in (
     refiner.train,
     refiner.evaluate,
     worker.worker,
+    worker.node,
     worker.workers,
     demo.demo,
 ):

@@ -1,14 +1,17 @@
-"""``refinery worker``: a Celery worker with its models resident."""
+"""``refinery worker``: a Celery worker with its models resident; ``refinery node``: every
+worker of one GPU node, supervised; ``refinery workers``: the live ones."""
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 
 import click
 from rich.table import Table
 
 from cli.common import console, make_client
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
 
 
 @click.command()
@@ -16,15 +19,39 @@ from shared.settings import get_settings
 @click.option("--preset", default=None, help="Model preset; default: REFINERY_MODEL_PRESET.")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--name", default=None, help="Worker name (Celery hostname).")
-def worker(queues: str | None, preset: str | None, loglevel: str, name: str | None) -> None:
+@click.option(
+    "--callbacks/--no-callbacks",
+    default=True,
+    show_default=True,
+    help="With model queues: start a callbacks worker beside this one (production runs its own).",
+)
+def worker(queues: str | None, preset: str | None, loglevel: str, name: str | None, callbacks: bool) -> None:
     """Run a worker: model queues keep their models resident; 'callbacks' delivers webhooks."""
     from worker.main import run_worker
 
     settings = get_settings()
     if preset:
         settings = settings.model_copy(update={"model_preset": preset})
+    run_worker(settings, _queues(settings, queues), loglevel=loglevel, name=name, callbacks=callbacks)
+
+
+@click.command()
+@click.option("--gpus", default="all", show_default=True, help="'all' (CUDA_VISIBLE_DEVICES or every GPU) or ids: 0,1")
+@click.option("--queues", default=None, help="Model queues of each GPU worker; default: generate,refine.")
+@click.option("--callbacks/--no-callbacks", default=True, show_default=True, help="Run the node's callbacks worker.")
+def node(gpus: str, queues: str | None, callbacks: bool) -> None:
+    """Run a GPU node: a model worker per GPU (a CPU one without GPUs) and a callbacks worker,
+    restarted when they die; SIGTERM drains them all."""
+    from worker.node import Node, plan_children
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: node] %(message)s")
+    settings = get_settings()
+    sys.exit(Node(settings, plan_children(settings, gpus, _queues(settings, queues), callbacks)).run())
+
+
+def _queues(settings: Settings, queues: str | None) -> list[str]:
     names = queues.split(",") if queues else [settings.queue_generate, settings.queue_refine]
-    run_worker(settings, [q.strip() for q in names if q.strip()], loglevel=loglevel, name=name)
+    return [q.strip() for q in names if q.strip()]
 
 
 @click.command()

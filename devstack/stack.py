@@ -145,12 +145,16 @@ class LocalStack:
         metrics_port: int = 0,
         env: dict[str, str] | None = None,
         timeout_s: float = 120,
+        callbacks: bool = False,
     ) -> subprocess.Popen:
         """Start ``refinery worker`` (``env``: settings of its own, e.g. ``REFINERY_REFINER_PATH``)
-        and return once it announced itself ready."""
+        and return once it announced itself ready. Callbacks run as in production, in a
+        worker of their own (``start_worker(name, ["callbacks"])``), unless ``callbacks``
+        starts one beside this worker, as a lone ``refinery worker`` does."""
         queues = queues or [self.settings.queue_generate, self.settings.queue_refine]
         hostname = f"{name}@localstack"
         argv = [sys.executable, "-m", "cli", "worker", f"--queues={','.join(queues)}", f"--name={hostname}"]
+        argv.append("--callbacks" if callbacks else "--no-callbacks")
         process = self.spawn(name, argv, {"REFINERY_METRICS_PORT": str(metrics_port), **(env or {})})
         store = JobStore.from_settings(self.settings)
         wait_until(

@@ -32,6 +32,18 @@ class Settings(BaseSettings):
     # Redis: broker for Celery and home of the job records.
     redis_url: str = "redis://127.0.0.1:6379/0"
     job_ttl_s: int = Field(7 * 24 * 3600, gt=0)
+    # Behind Redis Sentinel (redis_url "sentinel://h1:26379;sentinel://h2:26379/0"): the
+    # monitored primary's name, and the Sentinels' own password and TLS, if they have any.
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: SecretStr | None = None
+    redis_sentinel_tls: bool = False
+    # Replicas that must hold a submitted job before submit returns (WAIT); also awaited,
+    # without failing, after each change of a record. None: 1 behind Sentinel, else 0.
+    redis_min_replicas_ack: int | None = Field(None, ge=0)
+    redis_wait_ms: int = Field(500, gt=0)
+    # How long one Redis call keeps reconnecting (a failover, a restart) before it raises;
+    # producers then get broker_unavailable.
+    redis_retry_s: float = Field(30.0, gt=0)
 
     # S3 (AWS, MinIO, moto). Credentials: the standard AWS variables, or these.
     s3_endpoint_url: str | None = None
@@ -92,6 +104,17 @@ class Settings(BaseSettings):
     # Then it fails (worker_lost or internal_error) and is listed in the dead-letter list.
     max_attempts: int = Field(3, ge=1)
     callback_concurrency: int = Field(8, ge=1)
+    # On SIGTERM a model worker hands back the jobs it has not started and lets the batches
+    # on the model finish for this long; then it hands those back too and exits. Keep the
+    # platform's grace period (Kubernetes terminationGracePeriodSeconds) above it.
+    drain_timeout_s: float = Field(60.0, gt=0)
+    # `refinery node` restarts a worker that died after node_backoff_s, doubling up to
+    # node_backoff_max_s; one that died node_max_crashes times within node_crash_window_s
+    # stays down.
+    node_backoff_s: float = Field(1.0, gt=0)
+    node_backoff_max_s: float = Field(60.0, gt=0)
+    node_max_crashes: int = Field(5, ge=1)
+    node_crash_window_s: float = Field(600.0, gt=0)
     # Prometheus /metrics of each worker process (0: off). Several workers on one host each
     # take the first free port of metrics_port .. metrics_port + metrics_port_span - 1, and
     # publish the address they got in their worker record (`refinery workers`).
@@ -109,6 +132,12 @@ class Settings(BaseSettings):
     callback_max_retries: int = Field(6, ge=0)
     callback_backoff_max_s: int = Field(600, gt=0)
     callback_on_running: bool = False
+
+    # Preflight (`refinery doctor`, `refinery status`): a terminal callback still queued
+    # after this long with no callbacks worker alive is an alarm; and the most this host's
+    # clock may differ from Redis's (leases, deadlines and queue waits compare the two).
+    callback_wait_alarm_s: float = Field(60.0, gt=0)
+    max_clock_skew_s: float = Field(2.0, gt=0)
 
     # Quality: every refined image's detail ratio (its high-frequency energy over its
     # input's) is scored, and a job is flagged when the ratio falls below min (or rises

@@ -3,16 +3,23 @@
 Tasks are thin: they take a job id and hand it to the ``JobRunner``. Every model task
 runs the same lifecycle; the task names only route jobs (``shared/routing.py``). A
 callbacks worker has no runner and never imports torch.
+
+On SIGTERM (Celery's warm shutdown) a model worker drains: it stops fetching, hands the
+messages of jobs not yet on the model back to the broker at once, and lets the batches on
+the model finish for up to ``REFINERY_DRAIN_TIMEOUT_S``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
-from celery.signals import worker_ready, worker_shutdown
+from celery.exceptions import Reject
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from shared import keys
 from shared.broker import make_celery
@@ -23,6 +30,8 @@ from shared.store import JobStore
 from worker import metrics
 
 if TYPE_CHECKING:
+    from celery.worker.consumer import Consumer
+
     from worker.lifecycle import JobRunner
 
 logger = logging.getLogger(__name__)
@@ -41,9 +50,14 @@ def make_app(
     store = JobStore.from_settings(settings)
 
     if runner is not None:
+        from worker.lifecycle import HandBack
 
         def run_job(task: Task, job_id: str) -> None:
-            retry_in = runner.run(job_id)
+            try:
+                retry_in = runner.run(job_id)
+            except HandBack:
+                # Back on its queue now, for any worker; not after the visibility timeout.
+                raise Reject("worker draining", requeue=True) from None
             if retry_in is not None:
                 # A new message for the same job, due later; this one is acknowledged.
                 raise task.retry(countdown=retry_in)
@@ -68,8 +82,11 @@ def make_app(
             countdown = min(settings.callback_backoff_max_s, 2**task.request.retries)
             raise task.retry(countdown=countdown, exc=exc) from None
 
-    def announce(sender: Any, **_: object) -> None:
+    consumers: list[Consumer] = []
+
+    def announce(sender: Consumer, **_: object) -> None:
         """Publish what this worker serves (preset, device, dtype, refiner) for status tools."""
+        consumers.append(sender)
         info: dict[str, object] = runner.registry.describe() if runner is not None else {"role": "callbacks"}
         metrics.set_worker_info(info)
         queues = sorted(sender.app.amqp.queues.consume_from or ())
@@ -77,7 +94,26 @@ def make_app(
 
     def retire(sender: Any, **_: object) -> None:
         store.unregister_worker(sender.hostname)
+        if runner is not None and runner.batcher.abandoned:
+            # Leave now: torch still running on a thread at interpreter exit aborts the process.
+            logging.shutdown()
+            os._exit(0)
+
+    def drain(how: str, **_: object) -> None:
+        """Runs in the signal handler, on the main thread, where the consumer lives."""
+        if runner is None or how != "Warm" or not consumers or runner.draining.is_set():
+            return
+        consumer = consumers[0]
+        if consumer.task_consumer is not None:
+            consumer.task_consumer.cancel()  # fetch no more, so a handed-back message goes elsewhere
+        threading.Thread(target=finish_drain, name="drain", daemon=True).start()
+
+    def finish_drain() -> None:
+        assert runner is not None
+        if not runner.drain(settings.drain_timeout_s):
+            logger.warning("drain: the batch on the model outlived %s s; handed back", settings.drain_timeout_s)
 
     worker_ready.connect(announce, weak=False)
+    worker_shutting_down.connect(drain, weak=False)
     worker_shutdown.connect(retire, weak=False)
     return app

@@ -48,6 +48,10 @@ class Batched:
     waited_s: float  # time between submit and the start of its batch
 
 
+class BatcherClosed(Exception):
+    """The worker is draining: this request never reached the model."""
+
+
 class DynamicBatcher(Generic[Key]):
     def __init__(
         self,
@@ -62,6 +66,9 @@ class DynamicBatcher(Generic[Key]):
         self._pending: list[_Request[Key]] = []
         self._cond = threading.Condition()
         self._sequence = itertools.count()
+        self._closed = False
+        self.abandoned = False
+        self._running: list[_Request[Key]] = []  # the batch on the model
         self._thread = threading.Thread(target=self._loop, name="model-batcher", daemon=True)
         self._thread.start()
 
@@ -69,6 +76,8 @@ class DynamicBatcher(Generic[Key]):
         """Block until the item has run in some batch; re-raises that batch's error."""
         request = _Request(priority, next(self._sequence), key, item, time.monotonic())
         with self._cond:
+            if self._closed:
+                raise BatcherClosed
             self._pending.append(request)
             self._cond.notify()
         request.done.wait()
@@ -76,37 +85,66 @@ class DynamicBatcher(Generic[Key]):
             raise request.error
         return Batched(request.result, request.batch_size, request.waited_s)
 
-    def _next_batch(self) -> list[_Request[Key]]:
+    def close(self) -> None:
+        """Start no new batch, and hand every waiting request back to its caller with
+        ``BatcherClosed``. The batch on the model, if any, runs to its end."""
         with self._cond:
-            while not self._pending:
+            self._closed = True
+            withdrawn, self._pending = self._pending, []
+            self._cond.notify_all()
+        for request in withdrawn:
+            request.error = BatcherClosed()
+            request.done.set()
+
+    def abandon(self) -> None:
+        """Hand the batch on the model back to its callers with ``BatcherClosed`` too. The
+        model call itself cannot be interrupted: its results, when they come, are dropped."""
+        with self._cond:
+            self.abandoned = bool(self._running)
+            for request in self._running:
+                request.error = BatcherClosed()
+                request.done.set()
+
+    def _next_batch(self) -> list[_Request[Key]]:
+        """The next batch to run, or an empty list once closed."""
+        with self._cond:
+            while not self._pending and not self._closed:
                 self._cond.wait()
+            if self._closed:
+                return []
             # The most urgent request decides the key; it waits at most max_wait_s for company.
             first = min(self._pending)
             limit = max(1, self.max_batch(first.key))
             deadline = first.enqueued + self.max_wait_s
-            while (left := deadline - time.monotonic()) > 0 and self._count(first.key) < limit:
+            while (left := deadline - time.monotonic()) > 0 and self._count(first.key) < limit and not self._closed:
                 self._cond.wait(left)
+            if self._closed:
+                return []
             batch = sorted(r for r in self._pending if r.key == first.key)[:limit]
             for request in batch:
                 self._pending.remove(request)
+            self._running = batch
             return batch
 
     def _count(self, key: Key) -> int:
         return sum(1 for r in self._pending if r.key == key)
 
     def _loop(self) -> None:
-        while True:
-            batch = self._next_batch()
+        while batch := self._next_batch():
             started = time.monotonic()
             outcomes = self._run(batch[0].key, [r.item for r in batch])
-            for request, outcome in zip(batch, outcomes, strict=True):
-                if isinstance(outcome, _Failed):
-                    request.error = outcome.error
-                else:
-                    request.result = outcome
-                request.batch_size = len(batch)
-                request.waited_s = started - request.enqueued
-                request.done.set()
+            with self._cond:
+                self._running = []
+                for request, outcome in zip(batch, outcomes, strict=True):
+                    if request.done.is_set():
+                        continue  # abandoned meanwhile
+                    if isinstance(outcome, _Failed):
+                        request.error = outcome.error
+                    else:
+                        request.result = outcome
+                    request.batch_size = len(batch)
+                    request.waited_s = started - request.enqueued
+                    request.done.set()
 
     def _run(self, key: Key, items: list[Any]) -> list[Any]:
         """One result per item, or ``_Failed`` for the items whose call raised."""

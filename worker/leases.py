@@ -43,6 +43,10 @@ class LeaseKeeper:
         with self._lock:
             self._held.discard(job_id)
 
+    def held(self) -> list[str]:
+        with self._lock:
+            return list(self._held)
+
     @staticmethod
     def time_left(record: JobRecord) -> float | None:
         """Seconds until the lease on this running job runs out; None if nobody holds it.
@@ -57,9 +61,7 @@ class LeaseKeeper:
     def _renew_forever(self, every_s: float) -> None:
         while True:
             time.sleep(every_s)
-            with self._lock:
-                held = list(self._held)
-            for job_id in held:
+            for job_id in self.held():
                 try:
                     self.store.update(job_id, self._renew)
                 except Exception:  # Redis away for a moment: the next round tries again

@@ -1,6 +1,7 @@
 """A job's lifecycle, the same for every kind: claim the record, let the kind's handler
 prepare it, run it in a batch, publish it, finish the record; or requeue it, fail it,
-dead-letter it, or let it go when it was cancelled meanwhile.
+dead-letter it, let it go when it was cancelled meanwhile, or hand it back unstarted
+when the worker drains.
 
 No Celery here: tasks call ``JobRunner.run(job_id)``; everything the runner touches
 (handlers, Redis, S3) comes in through its constructor. No per-kind code either: that is
@@ -10,6 +11,8 @@ in ``worker/jobs/``.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +24,7 @@ from shared.settings import Settings
 from shared.storage import Storage
 from shared.store import JobStore
 from worker import metrics
-from worker.batcher import DynamicBatcher
+from worker.batcher import BatcherClosed, DynamicBatcher
 from worker.jobs import Handlers
 from worker.leases import LeaseKeeper
 from worker.registry import ModelRegistry
@@ -32,6 +35,11 @@ logger = logging.getLogger(__name__)
 
 # Failures of the system rather than of the caller's input: an operator should look.
 DEAD_LETTER_CODES = {"worker_lost", "internal_error", "storage_unavailable"}
+
+
+class HandBack(Exception):
+    """The worker is draining and has not started this job: its message goes back to the
+    broker for another worker, and the attempt does not count."""
 
 
 @dataclass
@@ -72,10 +80,28 @@ class JobRunner:
         self.storage = storage
         self.notify = notify  # enqueues a callback: (job_id, event state)
         self.worker_name = worker_name
+        self.draining = threading.Event()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Start no new job, and hand back those not yet on the model (their ``run``
+        raises ``HandBack``). Wait up to ``timeout_s`` for the batch on the model to finish
+        and publish; past that, hand its jobs back too. Returns whether it finished."""
+        self.draining.set()
+        self.batcher.close()
+        deadline = time.monotonic() + timeout_s
+        while self.leases.held():
+            if time.monotonic() > deadline:
+                self.batcher.abandon()
+                return False
+            time.sleep(0.05)
+        return True
 
     def run(self, job_id: str) -> float | None:
         """Run one delivery of a job. Returns None when done with it, or the seconds after
-        which it should be delivered again (held by another live worker, or retrying)."""
+        which it should be delivered again (held by another live worker, or retrying).
+        Raises ``HandBack`` when the worker drains before the job reached the model."""
+        if self.draining.is_set():
+            raise HandBack(job_id)
         try:
             claim = self._claim(job_id)
         except ValidationError as exc:
@@ -93,6 +119,9 @@ class JobRunner:
         try:
             outcome = self._process(record, timer)
             self._finish(job_id, JobState.succeeded, timer, outcome=outcome)
+        except BatcherClosed:
+            self._hand_back(job_id)
+            raise HandBack(job_id) from None
         except RefineryError as exc:
             logger.warning("job %s: failed with %s: %s", job_id, exc.code, exc)
             self._finish(
@@ -165,6 +194,24 @@ class JobRunner:
 
         record = self.store.update(job_id, requeue)
         return float(2**record.attempts)
+
+    def _hand_back(self, job_id: str) -> None:
+        """Undo this worker's claim: queued again, as if this delivery never happened."""
+
+        def unclaim(record: JobRecord) -> JobRecord | None:
+            if record.state is not JobState.running or record.lease_owner != self.leases.owner:
+                return None
+            record.state, record.attempts, record.started_at, record.worker = (
+                JobState.queued,
+                record.attempts - 1,
+                None,
+                None,
+            )
+            record.lease_owner = record.lease_expires_at = None
+            return record
+
+        self.store.update(job_id, unclaim)
+        logger.info("job %s: handed back unstarted (draining)", job_id)
 
     def _ended(self, record: JobRecord) -> None:
         """A job just reached its terminal state: count it, dead-letter a system failure, tell the caller."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import subprocess
+import sys
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -18,7 +22,14 @@ if TYPE_CHECKING:
     from worker.lifecycle import JobRunner
 
 
-def run_worker(settings: Settings, queues: list[str], *, loglevel: str = "INFO", name: str | None = None) -> None:
+def run_worker(
+    settings: Settings,
+    queues: list[str],
+    *,
+    loglevel: str = "INFO",
+    name: str | None = None,
+    callbacks: bool = True,
+) -> None:
     """Model queues run in Celery's thread pool: one process, so one resident copy of the
     models and no fork after CUDA is initialised. Each delivered job has a thread for its
     I/O (S3, Redis, encoding) and hands its model work to the one batcher thread
@@ -32,6 +43,10 @@ def run_worker(settings: Settings, queues: list[str], *, loglevel: str = "INFO",
         raise InvalidInput(f"unknown queue(s) {sorted(unknown)}", field="queues")
     # Expanded here (%h -> this host), so job records name the worker as Celery does.
     hostname = host_format(name or f"{'+'.join(queues)}-{os.getpid()}@%h")
+
+    if served and callbacks:
+        # First, while this process has no threads yet (a fork with threads can deadlock).
+        _start_callbacks_worker(settings, f"{settings.queue_callbacks}-{hostname}")
 
     from worker import metrics
     from worker.app import make_app
@@ -61,3 +76,16 @@ def run_worker(settings: Settings, queues: list[str], *, loglevel: str = "INFO",
             "--without-gossip",
         ]
     )
+
+
+def _start_callbacks_worker(settings: Settings, hostname: str) -> subprocess.Popen:
+    """A callbacks worker that lives and dies with this one."""
+    argv = [sys.executable, "-m", "cli", "worker", f"--queues={settings.queue_callbacks}", f"--name={hostname}"]
+    return subprocess.Popen(argv, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when its parent dies, however it died (SIGKILL too)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
