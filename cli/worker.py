@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from urllib.parse import urlsplit
 
 import click
 from rich.table import Table
@@ -56,20 +57,39 @@ def _queues(settings: Settings, queues: str | None) -> list[str]:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: worker name -> its record.")
-def workers(as_json: bool) -> None:
+@click.option("--file-sd", is_flag=True, help="Prometheus file_sd targets: one group per worker with metrics.")
+def workers(as_json: bool, file_sd: bool) -> None:
     """Live workers: what each serves, and where it serves its Prometheus metrics."""
     live = make_client().store.workers()
     if as_json:
         click.echo(json.dumps(live, sort_keys=True))
         return
+    if file_sd:
+        click.echo(json.dumps(_file_sd_groups(live), indent=2))
+        return
     table = Table(title=f"{len(live)} live workers")
-    for column in ("worker", "queues", "preset", "device", "refiner", "metrics"):
+    for column in ("worker", "queues", "preset", "device", "refiner", "jobs done", "metrics"):
         table.add_column(column, overflow="fold")  # addresses are read whole, not cut
     for name, info in sorted(live.items()):
         queues = info.get("queues")
         table.add_row(
             name,
             ",".join(map(str, queues)) if isinstance(queues, list) else "-",
-            *(str(info.get(key) or "-") for key in ("preset", "device", "refiner", "metrics_url")),
+            *(str(info.get(key) or "-") for key in ("preset", "device", "refiner")),
+            str(info.get("jobs_done", "-")),
+            str(info.get("metrics_url") or "-"),
         )
     console.print(table)
+
+
+def _file_sd_groups(live: dict[str, dict[str, object]]) -> list[dict[str, object]]:
+    groups = []
+    for name, info in sorted(live.items()):
+        url = info.get("metrics_url")
+        if not isinstance(url, str):
+            continue
+        queues = info.get("queues")
+        labels = {"worker": name, "queues": ",".join(map(str, queues)) if isinstance(queues, list) else ""}
+        labels |= {key: str(info[key]) for key in ("preset", "device", "refiner") if info.get(key)}
+        groups.append({"targets": [urlsplit(url).netloc], "labels": labels})
+    return groups

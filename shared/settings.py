@@ -42,8 +42,9 @@ class Settings(BaseSettings):
     redis_min_replicas_ack: int | None = Field(None, ge=0)
     redis_wait_ms: int = Field(500, gt=0)
     # How long one Redis call keeps reconnecting (a failover, a restart) before it raises;
-    # producers then get broker_unavailable.
-    redis_retry_s: float = Field(30.0, gt=0)
+    # producers then get broker_unavailable. None: 30 behind Sentinel, else 0 (at once);
+    # set it for a managed Redis whose endpoint fails over.
+    redis_retry_s: float | None = Field(None, ge=0)
 
     # S3 (AWS, MinIO, moto). Credentials: the standard AWS variables, or these.
     s3_endpoint_url: str | None = None
@@ -108,6 +109,9 @@ class Settings(BaseSettings):
     # on the model finish for this long; then it hands those back too and exits. Keep the
     # platform's grace period (Kubernetes terminationGracePeriodSeconds) above it.
     drain_timeout_s: float = Field(60.0, gt=0)
+    # Each worker refreshes its record (what it serves, jobs done, metrics address) this
+    # often; one not refreshed for three times as long is no longer listed as live.
+    worker_heartbeat_s: float = Field(10.0, gt=0)
     # `refinery node` restarts a worker that died after node_backoff_s, doubling up to
     # node_backoff_max_s; one that died node_max_crashes times within node_crash_window_s
     # stays down.

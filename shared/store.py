@@ -181,9 +181,10 @@ class JobStore:
         """Newest first."""
         return [_text(job_id) for job_id in self.redis.lrange(keys.DEAD_LETTER, 0, limit - 1)]
 
-    def register_worker(self, hostname: str, info: dict[str, object]) -> None:
-        """Announce a worker that is ready to consume (its models are loaded and warm)."""
-        self.redis.set(keys.worker_key(hostname), json.dumps(info), ex=self.ttl_s)
+    def register_worker(self, hostname: str, info: dict[str, object], ttl_s: float) -> None:
+        """Announce a worker that is ready to consume (its models are loaded and warm); it
+        counts as live until ``ttl_s`` passes without another announcement."""
+        self.redis.set(keys.worker_key(hostname), json.dumps(info), px=int(ttl_s * 1000))
 
     def unregister_worker(self, hostname: str) -> None:
         self.redis.delete(keys.worker_key(hostname))

@@ -58,7 +58,34 @@ def test_redis_persists_and_needs_a_password() -> None:
     for name, service in SERVICES.items():
         url = environment(service).get("REFINERY_REDIS_URL")
         if url is not None:
-            assert url.startswith("redis://:${REDIS_PASSWORD") and "@${REDIS_ADDRESS:-redis:6379}/" in url, name
+            # Unless REDIS_URL replaces it (profile "ha", where it carries the password too).
+            assert url.startswith("${REDIS_URL:-redis://:${REDIS_PASSWORD"), name
+            assert "@${REDIS_ADDRESS:-redis:6379}/" in url, name
+
+
+def test_ha_profile_has_a_replica_and_three_sentinels_with_a_quorum() -> None:
+    ha = {name for name, s in SERVICES.items() if "ha" in s.get("profiles", [])}
+    assert ha == {"redis-replica", "sentinel1", "sentinel2", "sentinel3"}
+    replica = command(SERVICES["redis-replica"])
+    assert "--replicaof redis 6379" in replica and "--appendonly yes" in replica
+    assert "--maxmemory-policy noeviction" in replica
+    for node in ("redis", "redis-replica"):
+        # Either may be primary after a failover: both ask for the password and give it.
+        assert "--requirepass ${REDIS_PASSWORD" in command(SERVICES[node]), node
+        assert "--masterauth ${REDIS_PASSWORD" in command(SERVICES[node]), node
+    volumes = set()
+    for name in ("sentinel1", "sentinel2", "sentinel3"):
+        script = " ".join(SERVICES[name]["entrypoint"])
+        assert "sentinel monitor mymaster redis 6379 2" in script, name
+        assert "sentinel auth-pass mymaster $$REDIS_PASSWORD" in script, name
+        assert "--sentinel" in script, name
+        # Each rewrites its own file: one volume each.
+        (volume,) = SERVICES[name]["volumes"]
+        volumes.add(volume.split(":")[0])
+    assert len(volumes) == 3
+    # The clients reach them through REDIS_URL, named in .env.example with the master name.
+    assert {"REDIS_URL", "REFINERY_REDIS_SENTINEL_MASTER"} <= ENV_EXAMPLE
+    assert "REFINERY_REDIS_SENTINEL_MASTER" in COMPOSE["x-refinery-env"]
 
 
 def test_every_long_running_service_has_a_healthcheck() -> None:
@@ -87,6 +114,9 @@ def test_each_gpu_worker_reserves_one_nvidia_gpu() -> None:
     assert len(seen_ids) == len(set(seen_ids)), "two workers on one GPU"
     for name in cpu_refine_workers():
         assert "deploy" not in SERVICES[name]
+    # Callbacks run in their own service, so no model worker starts one beside itself.
+    for name in [*GPU_WORKERS, *cpu_refine_workers()]:
+        assert "--no-callbacks" in command(SERVICES[name]), name
 
 
 def test_published_host_ports_do_not_collide() -> None:

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.stack import LocalStack, free_port, wait_until
 from producer.client import Client
+from shared import keys
 from shared.jobs import JobState
 from shared.settings import Settings
 
@@ -54,27 +55,45 @@ def test_worker_metrics_count_the_jobs_it_ran(tmp_path):
     assert ("preset", "tiny-schnell") in info[0] and ("device", "cpu") in info[0]
 
 
-def test_workers_on_one_host_with_the_default_metrics_port_each_serve_and_publish_their_own(tmp_path):
+def test_workers_on_one_host_with_default_settings_each_serve_and_publish_their_own(tmp_path):
     base = Settings(_env_file=None).metrics_port  # what a user keeps: the same port for every worker
     with LocalStack(tmp_path) as stack:
-        stack.start_worker("one", metrics_port=base)
-        stack.start_worker("two", metrics_port=base)
-        stack.start_worker("callbacks", [stack.settings.queue_callbacks], metrics_port=base)
+        # The README's single-host path: plain workers, each with the callbacks worker it starts.
+        stack.start_worker("one", metrics_port=base, callbacks=True)
+        stack.start_worker("two", metrics_port=base, callbacks=True)
+        client = Client(stack.settings)
+        wait_until(lambda: len(client.store.workers()) == 4, timeout_s=60, what="both callbacks workers")
+        records = [client.submit_generate("portrait", seed=s, width=64, height=64).wait(120) for s in range(6)]
+        wait_until(
+            lambda: sum(int(info["jobs_done"] or 0) for info in client.store.workers().values()) == 6,
+            timeout_s=3 * Settings(_env_file=None).worker_heartbeat_s,
+            what="jobs done in the heartbeats",
+        )
         listed = stack.refinery("workers", "--json")
         assert listed.returncode == 0, listed.stderr
         live = json.loads(listed.stdout)
         ports = {name: urlsplit(info["metrics_url"]).port for name, info in live.items()}
         served = {name: _samples(f"http://127.0.0.1:{port}/metrics") for name, port in ports.items()}
+        expiry_ms = [client.store.redis.pttl(keys.worker_key(name)) for name in live]
         table = stack.refinery("workers")
+        file_sd = json.loads(stack.refinery("workers", "--file-sd").stdout)
 
-    assert sorted(live) == ["callbacks@localstack", "one@localstack", "two@localstack"]
-    assert len(set(ports.values())) == 3 and all(base <= port < base + 16 for port in ports.values())
+    assert all(r.state is JobState.succeeded for r in records)
+    assert sorted(live) == ["callbacks-one@localstack", "callbacks-two@localstack", "one@localstack", "two@localstack"]
+    assert len(set(ports.values())) == 4 and all(base <= port < base + 16 for port in ports.values())
     assert live["one@localstack"]["queues"] == ["generate", "refine"] == live["two@localstack"]["queues"]
-    assert live["callbacks@localstack"]["queues"] == ["callbacks"]
+    assert live["callbacks-one@localstack"]["queues"] == ["callbacks"]
+    assert {r.worker for r in records} <= {"one@localstack", "two@localstack"}
+    # A worker that dies unannounced drops off the list within three heartbeats.
+    assert all(0 < ms <= 3000 * Settings(_env_file=None).worker_heartbeat_s for ms in expiry_ms)
     for name, samples in served.items():
         info = [dict(labels) for metric, labels in samples if metric == "refinery_worker_info"][0]
         assert info["preset"] == ("" if name.startswith("callbacks") else "tiny-schnell"), name
-    assert table.returncode == 0 and "3 live workers" in table.stdout
+    assert table.returncode == 0 and "4 live workers" in table.stdout and "jobs done" in table.stdout
+    # What Prometheus' file_sd_configs reads: every worker's metrics address, labelled.
+    assert {group["labels"]["worker"]: group["targets"] for group in file_sd} == {
+        name: [urlsplit(info["metrics_url"]).netloc] for name, info in live.items()
+    }
 
 
 def test_two_workers_share_a_burst_and_none_runs_twice(tmp_path):

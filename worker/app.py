@@ -83,16 +83,29 @@ def make_app(
             raise task.retry(countdown=countdown, exc=exc) from None
 
     consumers: list[Consumer] = []
+    stopped = threading.Event()
 
     def announce(sender: Consumer, **_: object) -> None:
-        """Publish what this worker serves (preset, device, dtype, refiner) for status tools."""
+        """Publish what this worker serves (preset, device, dtype, refiner) for status tools,
+        and keep publishing it while the worker lives: the record expires with the worker."""
         consumers.append(sender)
         info: dict[str, object] = runner.registry.describe() if runner is not None else {"role": "callbacks"}
         metrics.set_worker_info(info)
-        queues = sorted(sender.app.amqp.queues.consume_from or ())
-        store.register_worker(sender.hostname, {**info, "queues": queues, "metrics_url": metrics_url})
+        info |= {"queues": sorted(sender.app.amqp.queues.consume_from or ()), "metrics_url": metrics_url}
+        threading.Thread(target=heartbeat, args=(sender.hostname, info), name="heartbeat", daemon=True).start()
+
+    def heartbeat(hostname: str, info: dict[str, object]) -> None:
+        every_s = settings.worker_heartbeat_s
+        while not stopped.is_set():
+            try:
+                jobs_done = runner.jobs_done if runner is not None else None
+                store.register_worker(hostname, {**info, "jobs_done": jobs_done}, ttl_s=3 * every_s)
+            except Exception:  # Redis away for a moment: the next beat tries again
+                logger.warning("worker heartbeat failed", exc_info=True)
+            stopped.wait(every_s)
 
     def retire(sender: Any, **_: object) -> None:
+        stopped.set()
         store.unregister_worker(sender.hostname)
         if runner is not None and runner.batcher.abandoned:
             # Leave now: torch still running on a thread at interpreter exit aborts the process.

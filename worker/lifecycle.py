@@ -81,6 +81,8 @@ class JobRunner:
         self.notify = notify  # enqueues a callback: (job_id, event state)
         self.worker_name = worker_name
         self.draining = threading.Event()
+        self.jobs_done = 0  # jobs this process brought to a terminal state
+        self._done_lock = threading.Lock()
 
     def drain(self, timeout_s: float) -> bool:
         """Start no new job, and hand back those not yet on the model (their ``run``
@@ -216,6 +218,8 @@ class JobRunner:
     def _ended(self, record: JobRecord) -> None:
         """A job just reached its terminal state: count it, dead-letter a system failure, tell the caller."""
         logger.info("job %s: %s %s", record.job_id, record.state.value, record.error.code if record.error else "")
+        with self._done_lock:
+            self.jobs_done += 1
         metrics.observe_job(record)
         if record.error is not None and record.error.code in DEAD_LETTER_CODES:
             self.store.dead_letter(record.job_id)
