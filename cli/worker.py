@@ -83,7 +83,7 @@ def workers(as_json: bool, file_sd: bool) -> None:
 
 
 def _file_sd_groups(live: dict[str, dict[str, object]]) -> list[dict[str, object]]:
-    groups = []
+    groups: list[dict[str, object]] = []
     for name, info in sorted(live.items()):
         url = info.get("metrics_url")
         if not isinstance(url, str):
