@@ -7,6 +7,9 @@ For each preset it measures, on this machine:
            batch 1 and at MAX_BATCH;
   system   the same jobs through producer -> Redis -> worker process -> S3 -> job record,
            with batching off (max_batch 1) and on (max_batch MAX_BATCH), submitted as a burst;
+  system / direct with batching on, as the median of --repeats (3) pairs of runs, each
+           pair back to back so both halves see the same load on a shared machine, with
+           the spread (min, max);
 and then the per-job service overhead (end-to-end minus model time, one job at a time)
 and the direct batching gain per resolution. Presets: ``tiny-schnell`` (the test double,
 milliseconds per image) and ``bench-schnell`` (random weights sized so one image costs a
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -107,22 +111,30 @@ def overhead(workdir: Path, preset: str, size: int, jobs: int) -> dict:
     }
 
 
-def run_preset(preset: str, size: int, jobs: int, max_batch: int, max_wait_ms: float, tmp: Path) -> dict:
+def run_preset(preset: str, size: int, jobs: int, max_batch: int, max_wait_ms: float, repeats: int, tmp: Path) -> dict:
     console.rule(f"{preset} at {size}x{size}, {jobs} jobs, MAX_BATCH {max_batch}")
     job = generate_job(preset, tmp)
     key = GenerateKey(size, size, job.models.preset.steps, job.models.preset.guidance)
-    result = {
-        "size": size,
-        "direct_batch_1": direct(job, key, jobs, 1),
-        f"direct_batch_{max_batch}": direct(job, key, jobs, max_batch),
-    }
-    console.log("direct done")
+    result: dict = {"size": size, "direct_batch_1": direct(job, key, jobs, 1)}
     result["system_batching_off"] = system(tmp / f"{preset}-off", preset, size, jobs, 1, max_wait_ms)
-    result["system_batching_on"] = system(tmp / f"{preset}-on", preset, size, jobs, max_batch, max_wait_ms)
-    on, off = result["system_batching_on"], result["system_batching_off"]
-    result["system_over_direct_batching_on"] = round(
-        on["jobs_per_s"] / result[f"direct_batch_{max_batch}"]["jobs_per_s"], 3
-    )
+    pairs = []
+    for i in range(repeats):
+        pair = {
+            "direct": direct(job, key, jobs, max_batch),
+            "system": system(tmp / f"{preset}-on-{i}", preset, size, jobs, max_batch, max_wait_ms),
+        }
+        pair["ratio"] = round(pair["system"]["jobs_per_s"] / pair["direct"]["jobs_per_s"], 3)
+        pairs.append(pair)
+        console.log(f"repetition {i + 1}/{repeats}: system / direct {pair['ratio']}")
+    ratios = sorted(pair["ratio"] for pair in pairs)
+    # The median pair stands for the run; every pair's figures are kept.
+    median = next(pair for pair in pairs if pair["ratio"] == ratios[len(ratios) // 2])
+    result[f"direct_batch_{max_batch}"] = median["direct"]
+    result["system_batching_on"] = on = median["system"]
+    result["system_over_direct_batching_on"] = median["ratio"]
+    result["system_over_direct_batching_on_spread"] = [ratios[0], ratios[-1]]
+    result["repetitions"] = pairs
+    off = result["system_batching_off"]
     result["system_over_direct_batching_off"] = round(off["jobs_per_s"] / result["direct_batch_1"]["jobs_per_s"], 3)
     result["batching_speedup"] = round(on["jobs_per_s"] / off["jobs_per_s"], 3)
     return result
@@ -143,13 +155,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer jobs (a smoke run, noisier figures)")
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
+    parser.add_argument("--repeats", type=int, default=3, help="system / direct pairs; the median is reported")
     args = parser.parse_args()
     tiny_jobs, bench_jobs = (16, 8) if args.quick else (48, 24)
 
     with tempfile.TemporaryDirectory(prefix="refinery-bench-") as tmp:
         tmp = Path(tmp)
-        tiny = run_preset("tiny-schnell", 64, tiny_jobs, args.max_batch, args.max_wait_ms, tmp)
-        bench = run_preset("bench-schnell", 256, bench_jobs, args.max_batch, args.max_wait_ms, tmp)
+        tiny = run_preset("tiny-schnell", 64, tiny_jobs, args.max_batch, args.max_wait_ms, args.repeats, tmp)
+        bench = run_preset("bench-schnell", 256, bench_jobs, args.max_batch, args.max_wait_ms, args.repeats, tmp)
         console.rule("service overhead, one job at a time")
         service = overhead(tmp / "overhead", "tiny-schnell", 64, 10 if args.quick else 30)
         console.rule("direct batching gain by resolution (tiny-schnell)")
@@ -158,9 +171,17 @@ def main() -> None:
     result = {
         # Headlines: the realistic config (bench-schnell), batching on.
         "system_over_direct": bench["system_over_direct_batching_on"],
+        "system_over_direct_spread": bench["system_over_direct_batching_on_spread"],
         "batching_speedup": bench["batching_speedup"],
         "overhead_ms_p50": service["overhead_ms_p50"],
-        "config": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "quick": args.quick, "device": "cpu"},
+        "config": {
+            "max_batch": args.max_batch,
+            "max_wait_ms": args.max_wait_ms,
+            "repeats": args.repeats,
+            "quick": args.quick,
+            "device": "cpu",
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
         "presets": {"tiny-schnell": tiny, "bench-schnell": bench},
         "service_overhead": service,
         "direct_batching_gain_by_size": gains,
@@ -179,7 +200,7 @@ def _table(result: dict) -> Table:
         "direct bN",
         "system off",
         "system on",
-        "sys/direct (on)",
+        "sys/direct (on): median [min, max]",
         "batching speedup",
         "p50 / p95 ms (on)",
     ):
@@ -193,7 +214,7 @@ def _table(result: dict) -> Table:
             str(r[f"direct_batch_{n}"]["jobs_per_s"]),
             str(r["system_batching_off"]["jobs_per_s"]),
             str(on["jobs_per_s"]),
-            str(r["system_over_direct_batching_on"]),
+            f"{r['system_over_direct_batching_on']} {r['system_over_direct_batching_on_spread']}",
             str(r["batching_speedup"]),
             f"{on['latency_ms_p50']} / {on['latency_ms_p95']}",
         )

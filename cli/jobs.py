@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.table import Table
 
-from cli.common import EXIT_TIMEOUT, console, make_client
+from cli.common import EXIT_TIMEOUT, SECONDS, console, make_client, show_checks
+from shared import keys
 from shared.errors import JobNotFound
 from shared.jobs import JobError, JobRecord, OutputFormat, Priority
 
@@ -65,10 +66,10 @@ def _job_options(command):
                 "--priority", type=click.Choice([p.value for p in Priority]), default="normal", show_default=True
             ),
             click.option(
-                "--deadline", "deadline_s", type=float, help="Seconds; still queued by then: fails 'expired'."
+                "--deadline", "deadline_s", type=SECONDS, help="Seconds; still queued by then: fails 'expired'."
             ),
             click.option("--wait", is_flag=True, help="Block until the job is finished."),
-            click.option("--timeout", type=float, default=None, help="Seconds to wait at most."),
+            click.option("--timeout", type=SECONDS, default=None, help="Seconds to wait at most."),
             click.option("--json", "as_json", is_flag=True, help="Print the job record as one JSON object."),
         ]
     ):
@@ -83,6 +84,8 @@ def _common_fields(metadata: str | None, **options: Any) -> dict:
             fields["metadata"] = json.loads(metadata)
         except json.JSONDecodeError as exc:
             raise click.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from None
+        except RecursionError:
+            raise click.BadParameter("nested too deeply", param_hint="--metadata") from None
     return fields
 
 
@@ -135,16 +138,30 @@ def submit_refine(input_uri, path, wait, timeout, as_json, **common) -> None:
 
 
 @click.command()
-@click.argument("job_id")
+@click.argument("job_id", required=False)
 @click.option("--json", "as_json", is_flag=True)
-def status(job_id: str, as_json: bool) -> None:
-    """Show a job's record."""
-    _show(make_client().status(job_id), as_json)
+def status(job_id: str | None, as_json: bool) -> None:
+    """Show a job's record; without JOB_ID, the live workers, queues, dead letters and
+    waiting callbacks (`refinery doctor` checks Redis and S3 as well)."""
+    from producer import preflight
+
+    client = make_client()
+    if job_id is None:
+        checks = preflight.overview(client, preflight.required_queues(client.settings))
+        if as_json:
+            click.echo(preflight.as_json(checks))
+        else:
+            show_checks(checks, "refinery status")
+        return
+    record = client.status(job_id)
+    _show(record, as_json)
+    if warning := preflight.job_callback_warning(client, record):
+        click.echo(f"warning: {warning}", err=True)
 
 
 @click.command("wait")
 @click.argument("job_id")
-@click.option("--timeout", type=float, default=None)
+@click.option("--timeout", type=SECONDS, default=None)
 @click.option("--json", "as_json", is_flag=True)
 def wait(job_id: str, timeout: float | None, as_json: bool) -> None:
     """Block until a job is finished, then show its record."""
@@ -160,12 +177,12 @@ def cancel(job_id: str, as_json: bool) -> None:
 
 
 @click.command("dead-letters")
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: each job record.")
 def dead_letters(limit: int, as_json: bool) -> None:
     """Jobs that failed for reasons of the system (worker_lost, internal_error, storage_unavailable), newest first."""
     client = make_client()
-    for job_id in client.store.dead_letters(limit):
+    for job_id in client.store.dead_letters(min(limit, keys.DEAD_LETTER_MAX)):
         try:
             record = client.status(job_id)
         except JobNotFound:

@@ -12,6 +12,8 @@ from cli.common import EXIT_ERROR, console, make_client
 
 _OUT_HELP = "s3://bucket/prefix, or a local directory (served through S3 and mirrored there)."
 _SEED_HELP = "Dataset seed: fixes every prompt and image seed."
+# Pair ids have seven digits (producer.pairs.pair_id).
+_MAX_PAIRS = 10_000_000
 
 
 @click.group()
@@ -20,7 +22,12 @@ def pairs() -> None:
 
 
 @pairs.command("generate")
-@click.option("--count", type=int, required=True, help="Pairs 0..count-1; those already written are skipped.")
+@click.option(
+    "--count",
+    type=click.IntRange(0, _MAX_PAIRS),
+    required=True,
+    help="Pairs 0..count-1; those already written are skipped.",
+)
 @click.option("--out", required=True, help=_OUT_HELP)
 @click.option("--student", default=None, help="Default: REFINERY_MODEL_PRESET.")
 @click.option("--teacher", default=None, help="Default: REFINERY_TEACHER_PRESET.")
@@ -70,7 +77,10 @@ def status(out: str, as_json: bool) -> None:
 
 @pairs.command("prompts")
 @click.option(
-    "--count", type=click.IntRange(min=0), required=True, help="Prompts 0..count-1, as `pairs generate` uses them."
+    "--count",
+    type=click.IntRange(0, _MAX_PAIRS),
+    required=True,
+    help="Prompts 0..count-1, as `pairs generate` uses them.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help=_SEED_HELP)
 @click.option(

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from cli.common import console, make_client
+from shared.errors import InvalidInput
 
 _PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 
@@ -20,7 +22,7 @@ def mirror_dataset(uri: str) -> Path:
     from producer import pairs as datasets
 
     client = make_client()
-    dataset = uri.rstrip("/")
+    dataset = datasets.resolve_target(client, uri).dataset  # checked: s3://bucket/prefix
     local = client.settings.model_cache_dir / "datasets" / hashlib.sha1(dataset.encode()).hexdigest()[:16]
     fetched = datasets.mirror(client, datasets.Target(dataset, local))
     console.print(f"{dataset}: {fetched} new pairs mirrored into {local}")
@@ -50,7 +52,7 @@ def train(ctx: click.Context, data: str | None) -> None:
     (all options: refinery train --help). Runs under `accelerate launch` too."""
     from refiner.train import main as train_main
 
-    sys.exit(train_main(refiner_argv(ctx)))
+    sys.exit(_run(train_main, refiner_argv(ctx)))
 
 
 @click.command("eval", context_settings=_PASS_THROUGH)
@@ -61,4 +63,13 @@ def evaluate(ctx: click.Context, data: str | None) -> None:
     (all options: refinery eval --help). Writes metrics.json, report.md and PNG plots."""
     from refiner.evaluate import main as evaluate_main
 
-    sys.exit(evaluate_main(refiner_argv(ctx)))
+    sys.exit(_run(evaluate_main, refiner_argv(ctx)))
+
+
+def _run(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """The ML side names a missing or malformed dataset, refiner or file with these; here
+    they are bad input like any other."""
+    try:
+        return main(argv)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+        raise InvalidInput(str(exc)) from None

@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 import click
 from rich.table import Table
 
-from cli.common import console, make_client
-from shared.settings import Settings, get_settings
+from cli.common import console, load_settings, make_client
+from shared.settings import Settings
 
 
 @click.command()
@@ -30,7 +30,7 @@ def worker(queues: str | None, preset: str | None, loglevel: str, name: str | No
     """Run a worker: model queues keep their models resident; 'callbacks' delivers webhooks."""
     from worker.main import run_worker
 
-    settings = get_settings()
+    settings = load_settings()
     if preset:
         settings = settings.model_copy(update={"model_preset": preset})
     run_worker(settings, _queues(settings, queues), loglevel=loglevel, name=name, callbacks=callbacks)
@@ -46,7 +46,7 @@ def node(gpus: str, queues: str | None, callbacks: bool) -> None:
     from worker.node import Node, plan_children
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: node] %(message)s")
-    settings = get_settings()
+    settings = load_settings()
     sys.exit(Node(settings, plan_children(settings, gpus, _queues(settings, queues), callbacks)).run())
 
 

@@ -14,17 +14,24 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import redis
+from kombu.exceptions import OperationalError
+from redis.sentinel import MasterNotFoundError
+
 from shared.broker import make_celery, queue_depth
 from shared.callbacks import check_callback_url
-from shared.errors import InvalidImage, InvalidInput, QueueFull
+from shared.errors import BrokerUnavailable, InvalidImage, InvalidInput, QueueFull
 from shared.images import decode_image
 from shared.jobs import (
     GenerateSpec,
     JobRecord,
+    JobState,
     PairSpec,
     RefineSpec,
     build_spec,
@@ -104,7 +111,9 @@ class Client:
         bucket, _ = parse_s3_uri(spec.input_uri)
         if bucket not in self.settings.readable_buckets:
             raise InvalidInput(f"bucket {bucket!r} is not readable by this service", field="input_uri")
-        if spec.idempotency_key and (first := self.store.find_idempotent(spec.idempotency_key)):
+        with _broker():
+            first = self.store.find_idempotent(spec.idempotency_key) if spec.idempotency_key else None
+        if first:
             return JobHandle(first, self)
         # Every other check before the upload, so a refused job leaves nothing behind.
         self._check(spec)
@@ -123,16 +132,25 @@ class Client:
         self, spec: GenerateSpec | RefineSpec | PairSpec, *, seed: int | None = None, job_id: str | None = None
     ) -> JobHandle:
         record = JobRecord(job_id=job_id or uuid.uuid4().hex, kind=spec.kind, spec=spec, seed=seed)
-        record, created = self.store.create(record, spec.idempotency_key)
-        if created:
-            # The record exists before the message, so a worker always finds what it is sent.
-            send_job(self.celery, record, self.settings)
+        with _broker():
+            record, created = self.store.create(record, spec.idempotency_key)
+            # A never-started job found by its idempotency key may be one whose submit
+            # failed between record and message: send it again. A second message for a
+            # job is harmless (the first delivery to claim it runs it; the others see it
+            # running or finished).
+            if created or (record.state is JobState.queued and record.attempts == 0):
+                # The record exists before the message, so a worker always finds what it is sent.
+                send_job(self.celery, record, self.settings)
+                # Returns once the replicas hold both, so a failover cannot lose the job.
+                self.store.replicate(record.job_id, record.state.value, required=True)
         return JobHandle(record.job_id, self)
 
     def _admit(self, queue: str) -> None:
         """Refuse new work rather than let latency grow without bound."""
         limit = self.settings.max_queue_depth
-        if limit and (depth := queue_depth(self.store.redis, queue)) >= limit:
+        with _broker():
+            depth = queue_depth(self.store.redis, queue) if limit else 0
+        if limit and depth >= limit:
             raise QueueFull(f"queue {queue!r} holds {depth} jobs (limit {limit}); retry later", field="queue")
 
     def handle(self, job_id: str) -> JobHandle:
@@ -150,3 +168,19 @@ class Client:
         if cancelled and record.spec.callback_url:
             send_callback(self.celery, job_id, record.state.value)
         return record
+
+
+@contextmanager
+def _broker() -> Iterator[None]:
+    """Redis still unreachable once the client's own retries (``redis_retry_s``) are spent:
+    a typed, retryable error instead of redis-py's or kombu's."""
+    try:
+        yield
+    except redis.AuthenticationError:
+        raise  # not unavailable: misconfigured
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+        # redis-py's own message lists every Sentinel client it tried, at length.
+        detail = "no Sentinel names a reachable primary" if isinstance(exc, MasterNotFoundError) else str(exc)
+        raise BrokerUnavailable(
+            f"Redis unreachable ({detail}); retry, with the same idempotency_key to get the same job", field="redis"
+        ) from exc

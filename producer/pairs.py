@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from botocore.exceptions import BotoCoreError, ClientError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -22,6 +23,7 @@ from producer.client import Client, JobHandle
 from producer.prompts import build_prompts
 from shared.broker import queue_depth
 from shared.datasets import pair_id_of, pair_paths
+from shared.errors import InvalidInput, StorageUnavailable
 from shared.jobs import JobState, PairSpec, parse_s3_uri
 
 
@@ -34,9 +36,20 @@ class Target:
 
 
 def resolve_target(client: Client, out: str) -> Target:
+    """``out`` as a dataset: ``s3://bucket/prefix``, or a local directory (existing or not)."""
     if out.startswith("s3://"):
-        return Target(out.rstrip("/"), None)
-    local = Path(out).resolve()
+        dataset = out.rstrip("/")
+        try:
+            parse_s3_uri(dataset + "/manifest")
+        except ValueError as exc:
+            raise InvalidInput(f"expected s3://bucket/prefix: {exc}", field="out") from None
+        return Target(dataset, None)
+    try:
+        local = Path(out).resolve()
+    except (ValueError, OSError) as exc:  # a NUL byte, a symlink loop
+        raise InvalidInput(f"not a usable local path: {exc}", field="out") from None
+    if local.exists() and not local.is_dir():
+        raise InvalidInput(f"{local} is not a directory", field="out")
     settings = client.settings
     return Target(f"s3://{settings.s3_bucket}/{settings.s3_prefix}/datasets/{local.name}", local)
 
@@ -50,8 +63,15 @@ def written_pairs(client: Client, dataset: str) -> set[str]:
     bucket, prefix = parse_s3_uri(dataset + "/manifest/x")
     prefix = prefix.removesuffix("x")
     found: set[str] = set()
-    for page in client.storage.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        found.update(pair_id_of(obj["Key"]) for obj in page.get("Contents", []))
+    try:
+        for page in client.storage.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            found.update(pair_id_of(obj["Key"]) for obj in page.get("Contents", []))
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
+            raise InvalidInput(f"no bucket {bucket!r}", field="out") from None
+        raise StorageUnavailable(f"listing {dataset} failed: {exc}") from exc
+    except BotoCoreError as exc:
+        raise StorageUnavailable(f"listing {dataset} failed: {exc}") from exc
     return found
 
 

@@ -27,6 +27,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CARD_NAME = "refiner.json"
 IDENTITY = "identity"  # the version of the untrained refiner, which returns its input
+NOOP = "noop"  # the free refiner: returns its input without running anything (NoopRefiner)
 
 
 @dataclass
@@ -67,6 +68,22 @@ class Refiner:
         return x, self.network(x).clamp_(0.0, 1.0)
 
 
+class NoopRefiner(Refiner):
+    """The identity, without the work: no network call, no device or dtype conversion and
+    no scoring (every detail ratio is 1). With the ``noop`` preset it is the free model that
+    measures the system alone (``benchmarks/ceiling.py``)."""
+
+    def __init__(self) -> None:
+        # The network it stands for, for anything that inspects one; it never runs.
+        super().__init__(RefinerUNet().eval(), NOOP)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def refine_and_score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images, torch.ones(len(images), device=images.device)
+
+
 def load_refiner(
     path: str | Path | None,
     device: torch.device | str = "cpu",
@@ -75,9 +92,11 @@ def load_refiner(
     """Load the refiner saved by `RefinerUNet.save_pretrained` at `path`.
 
     With `path=None` or `"identity"`, the refiner is a freshly built default network, which is the identity
-    (its last conv is zero-initialised). Only safetensors weights are read, and only from
-    local disk: a missing directory or file raises `FileNotFoundError` naming the path.
+    (its last conv is zero-initialised); `"noop"` gives `NoopRefiner`. Only safetensors weights are read, and
+    only from local disk: a missing directory or file raises `FileNotFoundError` naming the path.
     """
+    if str(path) == NOOP:
+        return NoopRefiner()
     if path is None or str(path) == IDENTITY:
         # `.type` casts like `.to(dtype=...)`, minus diffusers' warning about fp32-only modules
         # that it prints on every dtype cast, even for a model that has none.

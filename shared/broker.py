@@ -6,12 +6,14 @@ broker carries JSON only (pickle is not accepted).
 
 from __future__ import annotations
 
+import json
 import ssl
 from urllib.parse import parse_qs, urlsplit
 
 import redis
 from celery import Celery
 
+from shared.redis_client import is_sentinel, retry_budget_s, sentinel_kwargs, sentinel_master
 from shared.routing import task_routes
 from shared.settings import Settings
 
@@ -20,6 +22,11 @@ from shared.settings import Settings
 # (rather than left to kombu's defaults) because queue_depth and foreign producers rely on it.
 PRIORITY_STEPS = [0, 3, 6, 9]
 PRIORITY_SEPARATOR = "\x06\x16"
+
+
+# The hash where kombu keeps every message a worker has taken and not acknowledged yet
+# (ETA retries included), keyed by delivery tag. Pinned for held_task_ids.
+UNACKED = "unacked"
 
 
 def queue_lists(queue: str) -> list[str]:
@@ -32,6 +39,15 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
         for name in queue_lists(queue):
             pipe.llen(name)
         return sum(pipe.execute())
+
+
+def held_task_ids(client: redis.Redis) -> set[str]:
+    """Task ids (our job ids, for job tasks) of the messages workers hold unacknowledged."""
+    held = set()
+    for raw in client.hvals(UNACKED):
+        message, _exchange, _routing_key = json.loads(raw)
+        held.add(message["headers"]["id"])
+    return held
 
 
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
@@ -55,7 +71,7 @@ def broker_ssl_options(url: str) -> dict | None:
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("face_refinery", broker=settings.redis_url)
-    transport = {
+    transport: dict = {
         "visibility_timeout": settings.visibility_timeout_s,
         "priority_steps": PRIORITY_STEPS,
         "sep": PRIORITY_SEPARATOR,
@@ -64,9 +80,24 @@ def make_celery(settings: Settings) -> Celery:
         # those older than the visibility timeout): a quarter of it, every time.
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
         "unacked_restore_throttle": 1,
+        "unacked_key": UNACKED,
     }
+    use_ssl = broker_ssl_options(settings.redis_url)
+    if is_sentinel(settings):
+        # kombu's Sentinel transport asks the Sentinels for the primary on every connect,
+        # so a worker or producer that lost its connection in a failover finds the new one.
+        transport.update(master_name=sentinel_master(settings), sentinel_kwargs=sentinel_kwargs(settings))
+        if settings.redis_sentinel_tls:
+            use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     app.conf.update(
-        broker_use_ssl=broker_ssl_options(settings.redis_url),
+        broker_use_ssl=use_ssl,
+        # A message sent during a failover keeps trying as long as the job store's calls do.
+        task_publish_retry_policy={
+            "max_retries": max(3, round(retry_budget_s(settings))),
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
         task_serializer="json",
         result_serializer="json",
         event_serializer="json",

@@ -57,3 +57,11 @@ class QueueFull(RefineryError):
     """Admission control: the queue is deeper than the configured limit; retry later."""
 
     code = "queue_full"
+
+
+class BrokerUnavailable(RefineryError):
+    """Redis (broker and job records) could not be reached, or a submitted job was not
+    confirmed by the replicas in time; retryable, and safe to retry with the same
+    idempotency key."""
+
+    code = "broker_unavailable"

@@ -20,6 +20,7 @@ def job_events_channel(job_id: str) -> str:
 
 
 DEAD_LETTER = f"{PREFIX}:dead-letter"  # ids of jobs that failed for reasons of the system
+QUEUED = f"{PREFIX}:queued"  # ids of queued jobs, scored by when they were queued (orphan sweep)
 DEAD_LETTER_MAX = 10_000
 
 TASK_GENERATE = "refinery.generate_and_refine"

@@ -16,7 +16,7 @@ MIN_SIZE_TINY = 32  # the offline doubles, for tests and the demo
 class Preset:
     name: str
     # Hub id or local path for FluxPipeline.from_pretrained; None for the offline doubles,
-    # which are built locally by worker.tiny_flux and never fetched.
+    # which are built locally by worker.tiny_flux and never fetched, and for the free model.
     model_id: str | None
     steps: int
     guidance: float
@@ -29,6 +29,9 @@ class Preset:
     # one). The offline student decodes through a low-passed VAE of its own instead: that
     # is how the double loses detail (worker/tiny_flux.py).
     lends_vae: bool = True
+    # No model at all: images of the requested size for almost no CPU (worker/free_model.py),
+    # so a benchmark measures the system alone (benchmarks/ceiling.py).
+    free: bool = False
 
     def check_size(self, width: int, height: int) -> None:
         for field, value in (("width", width), ("height", height)):
@@ -48,6 +51,8 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-dev", None, 28, 3.5, True, 77, MIN_SIZE_TINY),
         # A larger random-weight schnell double, sized for the throughput benchmark.
         Preset("bench-schnell", None, 4, 0.0, True, 77, MIN_SIZE_TINY),
+        # The free model; REFINERY_REFINER_PATH=noop is its refiner.
+        Preset("noop", None, 1, 0.0, False, 77, MIN_SIZE_TINY, free=True),
     )
 }
 

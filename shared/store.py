@@ -14,8 +14,9 @@ from typing import cast
 import redis
 
 from shared import keys
-from shared.errors import JobNotFound
+from shared.errors import BrokerUnavailable, JobNotFound
 from shared.jobs import JobRecord, JobState, utcnow
+from shared.redis_client import connect, min_replicas_ack
 from shared.settings import Settings
 
 # As raw JSON spells them, for records that do not parse.
@@ -36,14 +37,44 @@ def _text(value: bytes | str) -> str:
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, replicas: int = 0, wait_ms: int = 500) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        # Redis replicates asynchronously: a write the primary acknowledged is lost if the
+        # primary dies before a replica has it. Submit waits for `replicas` of them (and
+        # fails if they do not answer in wait_ms); every record change waits too, but
+        # carries on without them, so a missing replica slows workers and never stops them.
+        self.replicas = replicas
+        self.wait_ms = wait_ms
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
-        client = redis.Redis.from_url(settings.redis_url, health_check_interval=30, retry_on_timeout=True)
-        return cls(client, settings.job_ttl_s)
+        return cls(connect(settings), settings.job_ttl_s, min_replicas_ack(settings), settings.redis_wait_ms)
+
+    def replicate(self, job_id: str, state: str, *, required: bool = False) -> None:
+        """Wait until the replicas hold every write made so far, by any client.
+
+        WAIT counts only its own connection's writes, so it follows one here: the job's
+        state, published again on its channel (a replicated write, and harmless to
+        ``wait``). The replication stream is ordered, so that covers all earlier writes,
+        the broker's message included. ``required``: raise ``BrokerUnavailable`` when too
+        few replicas answer in time."""
+        if not self.replicas:
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.publish(keys.job_events_channel(job_id), state)
+            pipe.execute_command("WAIT", self.replicas, self.wait_ms)
+            # An error in its place: WAIT refused (a node demoted meanwhile, or a service
+            # that does not offer it) confirms nothing.
+            _, acked = pipe.execute(raise_on_error=False)
+        if isinstance(acked, redis.ResponseError):
+            acked = 0
+        if required and acked < self.replicas:
+            raise BrokerUnavailable(
+                f"job {job_id} reached {acked} of {self.replicas} replica(s) in {self.wait_ms} ms; it may "
+                "still run: retry with the same idempotency_key",
+                field="redis",
+            )
 
     def create(self, record: JobRecord, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
         """Store a new record; with an idempotency key, return the first job made with it.
@@ -65,6 +96,7 @@ class JobStore:
                     if idem:
                         pipe.set(idem, record.job_id, ex=self.ttl_s)
                     pipe.set(keys.job_key(record.job_id), record.model_dump_json(), ex=self.ttl_s)
+                    pipe.zadd(keys.QUEUED, {record.job_id: time.time()})
                     pipe.execute()
                     return record, True
                 except redis.WatchError:
@@ -128,13 +160,27 @@ class JobStore:
                     if change is None:
                         pipe.reset()
                         return
+                    raw, state = change
                     pipe.multi()
-                    pipe.set(key, change[0], keepttl=True)
-                    pipe.publish(keys.job_events_channel(job_id), change[1])
+                    pipe.set(key, raw, keepttl=True)
+                    if state == JobState.queued.value:
+                        pipe.zadd(keys.QUEUED, {job_id: time.time()})
+                    else:
+                        pipe.zrem(keys.QUEUED, job_id)
+                    pipe.publish(keys.job_events_channel(job_id), state)
                     pipe.execute()
-                    return
+                    break
                 except redis.WatchError:
                     continue
+        self.replicate(job_id, state)
+
+    def queued_before(self, moment: float) -> list[str]:
+        """Ids of the jobs queued (or requeued) before ``moment`` (``time.time()``) and not
+        claimed since; expired ones too, until ``forget_queued``."""
+        return [_text(job_id) for job_id in cast(list[bytes], self.redis.zrangebyscore(keys.QUEUED, "-inf", moment))]
+
+    def forget_queued(self, job_id: str) -> None:
+        self.redis.zrem(keys.QUEUED, job_id)
 
     def cancel(self, job_id: str) -> tuple[JobRecord, bool]:
         """Cancel a job that has not finished; returns the record and whether this call cancelled it."""

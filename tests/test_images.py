@@ -97,6 +97,40 @@ def test_png_is_lossless_and_has_text_chunks() -> None:
     assert text["refinery:seed"] == str(2**63 - 1)
 
 
+def test_png_keeps_every_pixel_of_a_large_noisy_image() -> None:
+    # Noise defeats any run-length shortcut: every byte of fpng's output is exercised.
+    original = Image.merge("RGB", [Image.effect_noise((517, 300), sigma) for sigma in (20, 60, 120)])
+
+    data = encode_image(original, OutputFormat.png, PROVENANCE)
+
+    assert decode_image(data, **LIMITS).tobytes() == original.tobytes()
+    assert read_provenance(data)["job_id"] == "job-123"
+
+
+def test_png_chunks_are_valid_and_metadata_precedes_the_pixels() -> None:
+    data = encode_image(gradient(), OutputFormat.png, PROVENANCE)
+
+    Image.open(io.BytesIO(data)).verify()  # every chunk's CRC and the stream's structure
+    kinds, offset = [], 8
+    while offset < len(data):
+        (length,) = struct.unpack(">I", data[offset : offset + 4])
+        kind, body = data[offset + 4 : offset + 8], data[offset + 8 : offset + 8 + length]
+        assert struct.unpack(">I", data[offset + 8 + length : offset + 12 + length])[0] == zlib.crc32(kind + body)
+        kinds.append(kind)
+        offset += 12 + length
+    assert kinds[:2] == [b"IHDR", b"iTXt"] and kinds[-1] == b"IEND"
+    assert kinds.index(b"eXIf") < kinds.index(b"IDAT")
+
+
+def test_png_text_outside_latin_1_is_kept() -> None:
+    provenance = Provenance("job-1", "flux-schnell", "réfineur-☃", 7, TRAINED_ALGORITHMIC_MEDIA)
+
+    data = encode_image(gradient(), OutputFormat.png, provenance)
+
+    assert Image.open(io.BytesIO(data)).text["refinery:refiner"] == "réfineur-☃"
+    assert read_provenance(data)["refiner"] == "réfineur-☃"
+
+
 def test_lossy_formats_honour_quality() -> None:
     for fmt in (OutputFormat.jpeg, OutputFormat.webp):
         low = encode_image(gradient(), fmt, PROVENANCE, quality=10)

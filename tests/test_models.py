@@ -184,7 +184,7 @@ def test_warm_up_runs_at_the_smallest_size(schnell, dev):
 
 
 def test_presets():
-    assert set(PRESETS) == {"flux-schnell", "flux-dev", "tiny-schnell", "tiny-dev", "bench-schnell"}
+    assert set(PRESETS) == {"flux-schnell", "flux-dev", "tiny-schnell", "tiny-dev", "bench-schnell", "noop"}
     schnell, dev = get_preset("flux-schnell"), get_preset("flux-dev")
     assert (schnell.model_id, schnell.steps, schnell.guidance) == ("black-forest-labs/FLUX.1-schnell", 4, 0.0)
     assert (dev.model_id, dev.steps, dev.guidance) == ("black-forest-labs/FLUX.1-dev", 28, 3.5)

@@ -28,6 +28,7 @@ from shared.routing import ROUTES
 from shared.settings import Settings
 from shared.store import JobStore
 from worker import metrics
+from worker.orphans import OrphanSweeper
 
 if TYPE_CHECKING:
     from celery.worker.consumer import Consumer
@@ -93,6 +94,8 @@ def make_app(
         metrics.set_worker_info(info)
         info |= {"queues": sorted(sender.app.amqp.queues.consume_from or ()), "metrics_url": metrics_url}
         threading.Thread(target=heartbeat, args=(sender.hostname, info), name="heartbeat", daemon=True).start()
+        if runner is not None:
+            OrphanSweeper(app, store, settings, list(runner.handlers.by_kind)).start()
 
     def heartbeat(hostname: str, info: dict[str, object]) -> None:
         every_s = settings.worker_heartbeat_s

@@ -1,8 +1,9 @@
 """FLUX pipelines: load them by preset (the real hub path and the offline doubles) and
 generate seeded batches.
 
-Every preset, tiny test doubles included, goes through ``FluxPipeline.from_pretrained``,
-so tests exercise the loading path production uses.
+Every FLUX preset, tiny test doubles included, goes through ``FluxPipeline.from_pretrained``,
+so tests exercise the loading path production uses. The free ``noop`` preset loads no
+model at all (``worker/free_model.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline
 
 from shared.presets import Preset
+from worker.free_model import NoopPipeline
 from worker.tiny_flux import ensure_tiny_pipeline_saved
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,8 +25,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 SHARED_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
-def lent_components(pipe: FluxPipeline, preset: Preset) -> dict[str, Any]:
-    """The components a loaded student lends its teacher (``load_pipeline(shared=...)``)."""
+def lent_components(pipe: FluxPipeline | NoopPipeline, preset: Preset) -> dict[str, Any]:
+    """The components a loaded student lends its teacher (``load_pipeline(shared=...)``);
+    the free model has none."""
+    if preset.free:
+        return {}
     return {name: getattr(pipe, name) for name in SHARED_COMPONENTS if name != "vae" or preset.lends_vae}
 
 
@@ -54,12 +59,14 @@ def load_pipeline(
     shared: dict[str, Any] | None = None,
     cpu_offload: bool = False,
     vae_tiling: bool = False,
-) -> FluxPipeline:
+) -> FluxPipeline | NoopPipeline:
     """Load ``preset`` onto ``device``, reusing the ``shared`` components (``lent_components``).
 
     ``model_path`` overrides a real preset's hub id; the tiny presets ignore it, being
     built locally into ``cache_dir`` and loaded from there without touching the hub.
     """
+    if preset.free:
+        return NoopPipeline()
     source: str | Path | None
     if preset.tiny:
         source, hub = ensure_tiny_pipeline_saved(preset.name, cache_dir), {"local_files_only": True}
@@ -105,7 +112,7 @@ def _row_by_row(linear: torch.nn.Linear):
 
 
 def generate(
-    pipe: FluxPipeline,
+    pipe: FluxPipeline | NoopPipeline,
     prompts: list[str],
     seeds: list[int],
     *,
@@ -134,7 +141,7 @@ def generate(
     return images.float().cpu()
 
 
-def warm_up(pipe: FluxPipeline, preset: Preset) -> None:
+def warm_up(pipe: FluxPipeline | NoopPipeline, preset: Preset) -> None:
     """One smallest-size, one-step call, so the first job does not pay for lazy initialisation."""
     generate(
         pipe,

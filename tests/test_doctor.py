@@ -1,0 +1,180 @@
+"""`refinery doctor` and `refinery status` against one real stack (redis-server with AOF,
+as compose runs it; moto's S3 server; a model worker and a callbacks worker), broken one
+way at a time and repaired. The tests run in file order: the last ones take workers and
+Redis away for good."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+
+from devstack.stack import LocalStack
+from producer.client import Client
+from shared.jobs import GenerateSpec, JobKind, JobRecord, JobState, utcnow
+from shared.routing import send_callback
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with LocalStack(tmp_path_factory.mktemp("doctor"), redis_aof=True) as local:
+        local.start_worker("model")
+        local.start_worker("callbacks", [local.settings.queue_callbacks])
+        yield local
+
+
+@pytest.fixture(scope="module")
+def broker(stack: LocalStack) -> redis.Redis:
+    return redis.Redis(port=stack.redis_port)
+
+
+def doctor(stack: LocalStack, *args: str, **env: str) -> tuple[int, dict[str, tuple[str, str]]]:
+    """Exit status, and check name -> (status, detail); ``env``: settings for this run."""
+    argv = [sys.executable, "-m", "cli", "doctor", "--json", *args]
+    run = subprocess.run(argv, env={**stack.env, **env}, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in run.stderr, run.stderr
+    report = json.loads(run.stdout)
+    checks = {check["name"]: (check["status"], check["detail"]) for check in report["checks"]}
+    assert report["status"] == ("fail" if run.returncode else report["status"])
+    return run.returncode, checks
+
+
+def failing(checks: dict[str, tuple[str, str]]) -> set[str]:
+    return {name for name, (status, _) in checks.items() if status == "fail"}
+
+
+def test_a_healthy_stack_passes(stack: LocalStack) -> None:
+    code, checks = doctor(stack)
+    assert code == 0, checks
+    assert failing(checks) == set()
+    assert checks["redis"] == ("ok", f"reachable at redis://127.0.0.1:{stack.redis_port}/0")
+    assert checks["redis persistence"] == ("ok", "AOF on")
+    assert checks["redis eviction"][0] == "ok"
+    assert checks["clock skew"][0] == "ok"
+    assert checks["s3 bucket"][0] == "ok"
+    status, detail = checks["worker model@localstack"]
+    assert status == "ok"
+    assert "preset tiny-schnell" in detail and "refiner identity" in detail and "device cpu" in detail
+    assert "weights cached at " + str(stack.settings.model_cache_dir) in detail
+    assert checks["worker callbacks@localstack"][0] == "ok"
+    for queue in ("generate", "refine", "callbacks"):
+        assert checks[f"queue {queue}"] == ("ok", "0 waiting (limit 10000)")
+    assert checks["queue pairs"] == ("ok", "0 waiting (limit 10000); no worker, none required")
+    # The probe object is gone again.
+    listed = Client(stack.settings).storage.client.list_objects_v2(
+        Bucket=stack.settings.s3_bucket, Prefix="refinery/doctor/"
+    )
+    assert listed.get("KeyCount", 0) == 0
+    # The table, for people: exit 0 too.
+    table = stack.refinery("doctor")
+    assert table.returncode == 0 and "refinery doctor" in table.stdout and "s3 bucket" in table.stdout
+
+
+def test_clock_skew_beyond_the_limit_fails(stack: LocalStack) -> None:
+    # Real clocks on one host differ by microseconds: a limit of a nanosecond is exceeded.
+    code, checks = doctor(stack, REFINERY_MAX_CLOCK_SKEW_S="0.000000001")
+    assert code == 2
+    assert failing(checks) == {"clock skew"}
+    assert "leases, deadlines and queue waits compare clocks" in checks["clock skew"][1]
+
+
+@pytest.mark.parametrize(
+    ("setting", "broken", "repaired", "check", "why"),
+    [
+        ("maxmemory-policy", "allkeys-lru", "noeviction", "redis eviction", "deletes keys, queued job messages"),
+        ("appendonly", "no", "yes", "redis persistence", "a restart loses every queued job"),
+    ],
+    ids=["evicting", "not-persistent"],
+)
+def test_a_misconfigured_redis_fails(
+    stack: LocalStack, broker: redis.Redis, setting: str, broken: str, repaired: str, check: str, why: str
+) -> None:
+    broker.config_set(setting, broken)
+    try:
+        code, checks = doctor(stack)
+    finally:
+        broker.config_set(setting, repaired)
+    assert code == 2
+    assert failing(checks) == {check}
+    assert why in checks[check][1]
+
+
+def test_s3_down_fails(stack: LocalStack) -> None:
+    stack.stop_process("s3")
+    try:
+        code, checks = doctor(stack)
+    finally:
+        stack.start_s3()
+    assert code == 2
+    assert failing(checks) == {"s3 bucket"}
+    assert "write failed" in checks["s3 bucket"][1]
+    assert doctor(stack)[0] == 0
+
+
+def test_callbacks_waiting_with_no_consumer_fail(stack: LocalStack) -> None:
+    client = Client(stack.settings)
+    stack.stop_process("callbacks")  # a graceful stop: it deregisters
+    # A job that succeeded two minutes ago, its callback still queued: what a lone model
+    # worker leaves behind.
+    spec = GenerateSpec(prompt="a portrait", callback_url="http://127.0.0.1:9/hook")
+    finished = utcnow() - timedelta(seconds=120)
+    record = JobRecord(
+        job_id=uuid.uuid4().hex,
+        kind=JobKind.generate_and_refine,
+        spec=spec,
+        state=JobState.succeeded,
+        created_at=finished - timedelta(seconds=5),
+        finished_at=finished,
+    )
+    client.store.create(record)
+    send_callback(client.celery, record.job_id, JobState.succeeded.value)
+
+    code, checks = doctor(stack, "--queues", "generate,refine")
+    assert code == 2
+    assert failing(checks) == {"callbacks", "queue callbacks"}
+    detail = checks["callbacks"][1]
+    assert detail.startswith("1 waiting; no live callbacks worker; terminal ones waiting over 60 s: 1 ")
+    assert re.search(rf"oldest: job {record.job_id}, succeeded, 12\d s", detail)
+
+    # Within the alarm's limit the wait is not stale yet; the unserved queue still fails.
+    code, checks = doctor(stack, "--queues", "generate,refine", REFINERY_CALLBACK_WAIT_ALARM_S="600")
+    assert failing(checks) == {"queue callbacks"}
+    assert checks["callbacks"] == ("ok", "1 waiting; no live callbacks worker")
+
+    run = stack.refinery("status", record.job_id)
+    assert run.returncode == 0
+    assert re.fullmatch(r"warning: callback succeeded waiting 12\d s: no live callbacks worker .*\n", run.stderr)
+    overview = stack.refinery("status", "--json")
+    assert overview.returncode == 0
+    rows = {check["name"]: check["status"] for check in json.loads(overview.stdout)["checks"]}
+    assert rows["callbacks"] == "fail" and rows["worker model@localstack"] == "ok"
+
+
+def test_a_killed_worker_leaves_its_queues_unserved(stack: LocalStack) -> None:
+    stack.stop_process("model", signal.SIGKILL)  # no shutdown: its record stays behind
+    code, checks = doctor(stack)
+    assert code == 2
+    assert {"queue generate", "queue refine"} <= failing(checks)
+    assert checks["worker model@localstack"][0] == "warn"
+    assert "no answer to ping" in checks["worker model@localstack"][1]
+    assert "no live worker consumes it" in checks["queue generate"][1]
+
+
+def test_redis_down_is_one_failed_check(stack: LocalStack, tmp_path: Path) -> None:
+    stack.stop_process("redis")
+    code, checks = doctor(stack)
+    assert code == 2
+    assert checks["redis"][0] == "fail" and "unreachable" in checks["redis"][1]
+    assert checks["s3 bucket"][0] == "ok"
+    run = stack.refinery("status", "some-job")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("error [broker_unavailable]") and len(run.stderr.strip().splitlines()) == 1
