@@ -26,10 +26,16 @@ from shared.settings import Settings
     show_default=True,
     help="With model queues: start a callbacks worker beside this one (production runs its own).",
 )
-def worker(queues: str | None, preset: str | None, loglevel: str, name: str | None, callbacks: bool) -> None:
+@click.option("--exit-with-parent", is_flag=True, hidden=True, help="Drain when stdin closes (started by a parent).")
+def worker(
+    queues: str | None, preset: str | None, loglevel: str, name: str | None, callbacks: bool, exit_with_parent: bool
+) -> None:
     """Run a worker: model queues keep their models resident; 'callbacks' delivers webhooks."""
+    from worker.main import exit_with_parent as watch_parent
     from worker.main import run_worker
 
+    if exit_with_parent:
+        watch_parent()
     settings = load_settings()
     if preset:
         settings = settings.model_copy(update={"model_preset": preset})

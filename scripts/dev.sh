@@ -27,7 +27,9 @@ fi
 
 case "${1:-}" in
     demo) shift; exec .venv/bin/refinery demo "$@" ;;
-    test) shift; exec .venv/bin/python -m pytest "$@" ;;
+    # Two files at a time (each file's tests in one process, its fixtures shared); a later
+    # -n 0 runs them one by one.
+    test) shift; exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@" ;;
     lint) .venv/bin/ruff format --check . && .venv/bin/ruff check . && exec .venv/bin/mypy ;;
     *) echo "usage: scripts/dev.sh demo|test|lint [args...]" >&2; exit 2 ;;
 esac

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -44,9 +44,10 @@ def run_worker(
     # Expanded here (%h -> this host), so job records name the worker as Celery does.
     hostname = host_format(name or f"{'+'.join(queues)}-{os.getpid()}@%h")
 
-    if served and callbacks:
-        # First, while this process has no threads yet (a fork with threads can deadlock).
-        _start_callbacks_worker(settings, f"{settings.queue_callbacks}-{hostname}")
+    # Held until this worker ends: its callbacks worker stops when the pipe closes.
+    sidecar = (
+        _start_callbacks_worker(settings, f"{settings.queue_callbacks}-{hostname}") if served and callbacks else None
+    )
 
     from worker import metrics
     from worker.app import make_app
@@ -76,16 +77,26 @@ def run_worker(
             "--without-gossip",
         ]
     )
+    if sidecar is not None:
+        sidecar.communicate()  # closes its stdin: it drains too, and this worker waits for it
 
 
 def _start_callbacks_worker(settings: Settings, hostname: str) -> subprocess.Popen:
-    """A callbacks worker that lives and dies with this one."""
+    """A callbacks worker that stops when this one does, however this one stops."""
     argv = [sys.executable, "-m", "cli", "worker", f"--queues={settings.queue_callbacks}", f"--name={hostname}"]
-    return subprocess.Popen(argv, preexec_fn=_die_with_parent)
+    return subprocess.Popen([*argv, "--exit-with-parent"], stdin=subprocess.PIPE)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this process when its parent dies, however it died (SIGKILL too)."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+def exit_with_parent() -> None:
+    """Drain (SIGTERM to itself, once) when the process that started this one is gone.
+
+    That process holds the only write end of this one's stdin and never writes, so the read
+    returns when it exits or is killed. (Linux's PR_SET_PDEATHSIG would also fire, once per
+    thread, while a killed parent's threads die, and repeated SIGTERMs can hang Celery's
+    shutdown.)"""
+
+    def watch() -> None:
+        sys.stdin.buffer.read()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

@@ -60,7 +60,10 @@ def plan_children(settings: Settings, gpus: str, queues: list[str], callbacks: b
         devices = [gpu.strip() for gpu in gpus.split(",") if gpu.strip()]
         if not devices or not all(gpu.isdigit() for gpu in devices):
             raise InvalidInput(f"expected 'all' or GPU ids like 0,1, got {gpus!r}", field="gpus")
-    worker = [sys.executable, "-m", "cli", "worker", f"--queues={','.join(queues)}", "--no-callbacks"]
+    # Each stdin is a pipe from the node: killed outright, the node still takes its workers
+    # down with it (they drain when the pipe closes: worker/main.py, exit_with_parent).
+    cli = [sys.executable, "-m", "cli", "worker", "--exit-with-parent"]
+    worker = [*cli, f"--queues={','.join(queues)}", "--no-callbacks"]
     if devices:
         children = [
             Child(
@@ -72,9 +75,7 @@ def plan_children(settings: Settings, gpus: str, queues: list[str], callbacks: b
         children = [Child("cpu", [*worker, "--name=cpu@%h"], {"REFINERY_DEVICE": "cpu"})]
     if callbacks:
         queue = settings.queue_callbacks
-        children.append(
-            Child(queue, [sys.executable, "-m", "cli", "worker", f"--queues={queue}", f"--name={queue}@%h"], {})
-        )
+        children.append(Child(queue, [*cli, f"--queues={queue}", f"--name={queue}@%h"], {}))
     return children
 
 
@@ -116,6 +117,7 @@ class Node:
         child.process = subprocess.Popen(
             child.argv,
             env={**os.environ, **child.env},
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
