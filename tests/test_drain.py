@@ -97,7 +97,9 @@ def test_a_batch_longer_than_the_drain_timeout_is_handed_back_too(tmp_path):
     with LocalStack(tmp_path, drain_timeout_s=0.5) as stack:
         stack.start_worker("leaving")
         client = Client(stack.settings)
-        job_ids = [client.submit_generate("portrait", seed=s, width=LONG // 2, height=LONG // 2).job_id for s in range(2)]
+        job_ids = [
+            client.submit_generate("portrait", seed=s, width=LONG // 2, height=LONG // 2).job_id for s in range(2)
+        ]
         wait_until(
             lambda: all(client.status(j).state is JobState.running for j in job_ids),
             timeout_s=60,
