@@ -48,7 +48,7 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-from refiner_cost import FLUX_TRANSFORMER, FLUX_VAE, T5_XXL
+from refiner_cost import CLIP_L, FLUX_TRANSFORMER, FLUX_VAE, T5_XXL
 from refiner_cost import RESULTS as FLOPS_RESULTS
 from rich.console import Console
 from rich.table import Table
@@ -64,17 +64,6 @@ RESULTS = Path(__file__).parent / "results" / "gpu.json"
 PROMPT = "close up portrait photo of an elderly man with a grey beard, soft window light"
 console = Console()
 
-# openai/clip-vit-large-patch14's text tower, as FLUX.1 ships it (text_encoder/config.json).
-CLIP_L = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-)
 # FLUX.1's VAE beyond its shape: no quant convs, and its latent scaling and shift.
 FLUX_VAE_FULL = {
     **FLUX_VAE,
@@ -491,7 +480,10 @@ def system(flux: dict[str, FluxPipeline], scale: Scale, budget: Budget) -> dict:
     scratch = scratch_dir(flux["schnell"])
     if scratch is None:
         return {"status": "skipped", "reason": "no room in /dev/shm or the temp dir for the worker's copy of the model"}
-    from devstack.stack import LocalStack  # here: a machine without the stack runs the other parts
+    # Here: a machine without the stack's packages still runs the other parts.
+    from throughput import burst
+
+    from devstack.stack import LocalStack
 
     with tempfile.TemporaryDirectory(prefix="refinery-gpu-", dir=scratch) as tmp:
         started = time.perf_counter()
@@ -538,30 +530,6 @@ def direct_in_process(flux: dict[str, FluxPipeline], stack: Any, scale: Scale) -
     flux.clear()
     release(scale.device)
     return run
-
-
-def burst(stack: Any, size: int, jobs: int) -> dict:
-    """jobs/s of ``jobs`` submitted at once to the stack's worker, first submit to last finish
-    (as throughput.py's ``system``, on a stack started here with the GPU's settings)."""
-    from throughput import PROMPT, percentile
-
-    from producer.client import Client
-
-    client = Client(stack.settings)
-    warm = client.submit_generate(PROMPT, seed=0, width=size, height=size).wait(600)
-    assert warm.state == "succeeded", warm.error
-    handles = [client.submit_generate(PROMPT, seed=seed, width=size, height=size) for seed in range(jobs)]
-    records = [handle.wait(600) for handle in handles]
-    failed = [r.error for r in records if r.state != "succeeded"]
-    assert not failed, failed
-    span = (max(r.finished_at for r in records) - min(r.created_at for r in records)).total_seconds()
-    return {
-        "jobs": jobs,
-        "seconds": round(span, 3),
-        "jobs_per_s": round(jobs / span, 3),
-        "latency_ms_p50": round(percentile([r.timings_ms["total"] for r in records], 0.5), 1),
-        "batch_sizes": sorted({r.batch_size for r in records}),
-    }
 
 
 # --- the run -----------------------------------------------------------------------------

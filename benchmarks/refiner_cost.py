@@ -56,6 +56,17 @@ FLUX_VAE = dict(
 T5_XXL = dict(
     d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu", vocab_size=32128
 )
+# openai/clip-vit-large-patch14's text tower, as FLUX.1 ships it (text_encoder/config.json).
+CLIP_L = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
 SCHNELL = {"steps": 4, "text_tokens": 256, "guidance_embeds": False}
 DEV = {"steps": 28, "text_tokens": 512, "guidance_embeds": True}
 

@@ -67,16 +67,20 @@ def system(workdir: Path, preset: str, size: int, jobs: int, max_batch: int, max
     """A burst of ``jobs`` through a private stack; throughput from first submit to last finish."""
     with LocalStack(workdir, preset=preset, max_batch=max_batch, max_wait_ms=max_wait_ms) as stack:
         stack.start_worker("worker")
-        client = Client(stack.settings)
-        warm = client.submit_generate(PROMPT, seed=0, width=size, height=size).wait(300)
-        assert warm.state == "succeeded", warm.error
-        handles = [client.submit_generate(PROMPT, seed=seed, width=size, height=size) for seed in range(jobs)]
-        records = [handle.wait(600) for handle in handles]
+        return {"max_batch": max_batch, **burst(stack, size, jobs)}
+
+
+def burst(stack: LocalStack, size: int, jobs: int) -> dict:
+    """jobs/s of ``jobs`` submitted at once to the stack's running worker, after one to warm it."""
+    client = Client(stack.settings)
+    warm = client.submit_generate(PROMPT, seed=0, width=size, height=size).wait(600)
+    assert warm.state == "succeeded", warm.error
+    handles = [client.submit_generate(PROMPT, seed=seed, width=size, height=size) for seed in range(jobs)]
+    records = [handle.wait(600) for handle in handles]
     assert all(r.state == "succeeded" for r in records), [r.error for r in records if r.error]
     span = (max(r.finished_at for r in records) - min(r.created_at for r in records)).total_seconds()
     latency = [r.timings_ms["total"] for r in records]
     return {
-        "max_batch": max_batch,
         "jobs": jobs,
         "seconds": round(span, 3),
         "jobs_per_s": round(jobs / span, 3),

@@ -131,8 +131,6 @@ class ModelRegistry:
 
 def _weights_dir(preset: Preset, model_path: str | None, cache_dir: Path) -> str | None:
     """Where ``load_pipeline`` finds ``preset``'s weights on this host, if they are there."""
-    if preset.free:
-        return None  # no weights at all
     if preset.tiny:
         return str(ensure_tiny_pipeline_saved(preset.name, cache_dir))
     source = model_path or preset.model_id
