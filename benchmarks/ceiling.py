@@ -42,8 +42,8 @@ from devstack.stack import LocalStack
 from producer.client import Client
 from refiner.export import NOOP
 from refiner.pixels import to_pil, to_tensor
+from shared.contract import JobRecord, OutputFormat
 from shared.images import TRAINED_ALGORITHMIC_MEDIA, Provenance, decode_image, encode_image
-from shared.jobs import JobRecord, OutputFormat
 from worker.free_model import NoopPipeline
 from worker.models import generate
 

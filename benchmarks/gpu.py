@@ -515,15 +515,15 @@ def direct_in_process(flux: dict[str, FluxPipeline], stack: Any, scale: Scale) -
     of (``flux`` emptied), so the worker's copy has the GPU to itself."""
     from throughput import direct
 
-    from shared.storage import Storage
-    from worker.jobs.generate import GenerateJob, GenerateKey
+    from shared.objects import ObjectStore
+    from worker.handlers.generate import GenerateJob, GenerateKey
     from worker.registry import ModelRegistry
 
     registry = ModelRegistry(stack.settings)
     registry.pipeline = flux["schnell"]  # this process's model, not a second load from disk
     if registry.batch_invariant:  # as the registry's loader does on the CPU
         make_batch_invariant(flux["schnell"])
-    job = GenerateJob(registry, Storage(stack.settings), stack.settings)
+    job = GenerateJob(registry, ObjectStore(stack.settings), stack.settings)
     preset, size = registry.preset, scale.system_size
     run = direct(job, GenerateKey(size, size, preset.steps, preset.guidance), scale.system_jobs, scale.system_max_batch)
     del registry, job

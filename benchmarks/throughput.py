@@ -32,9 +32,9 @@ from rich.table import Table
 
 from devstack.stack import LocalStack
 from producer.client import Client
+from shared.objects import ObjectStore
 from shared.settings import Settings
-from shared.storage import Storage
-from worker.jobs.generate import GenerateItem, GenerateJob, GenerateKey
+from worker.handlers.generate import GenerateItem, GenerateJob, GenerateKey
 from worker.registry import ModelRegistry
 
 RESULTS = Path(__file__).parent / "results" / "throughput.json"
@@ -50,7 +50,7 @@ def percentile(values: list[float], q: float) -> float:
 def generate_job(preset: str, tmp: Path) -> GenerateJob:
     """The generate handler over resident models, called directly: the bare model's cost."""
     settings = Settings(_env_file=None, model_preset=preset, device="cpu", model_cache_dir=tmp / "models")
-    return GenerateJob(ModelRegistry(settings), Storage(settings), settings)
+    return GenerateJob(ModelRegistry(settings), ObjectStore(settings), settings)
 
 
 def direct(job: GenerateJob, key: GenerateKey, jobs: int, batch: int) -> dict:

@@ -12,8 +12,8 @@ from rich.table import Table
 
 from cli.common import EXIT_TIMEOUT, SECONDS, console, make_client, show_checks
 from shared import keys
+from shared.contract import JobError, JobRecord, OutputFormat, Priority
 from shared.errors import JobNotFound
-from shared.jobs import JobError, JobRecord, OutputFormat, Priority
 
 if TYPE_CHECKING:
     from producer.client import JobHandle

@@ -28,7 +28,7 @@ from producer.client import Client, JobHandle
 from refiner.metrics import high_frequency_energy
 from refiner.pixels import to_tensor
 from refiner.report import sample_grid
-from shared.jobs import JobRecord
+from shared.contract import JobRecord
 
 # A refiner trained on the offline doubles' pairs; its card (refiner.json) says on what and how.
 DEMO_REFINER = Path(__file__).parent / "demo_refiner"

@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import redis
 
+from shared.objects import ObjectStore
+from shared.records import RecordStore
 from shared.settings import Settings
-from shared.storage import Storage
-from shared.store import JobStore
 
 TEST_CALLBACK_SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -135,7 +135,7 @@ class LocalStack:
             process=process,
             log=self.logs / "s3.log",
         )
-        Storage(self.settings).ensure_bucket()
+        ObjectStore(self.settings).ensure_bucket()
 
     def start_worker(
         self,
@@ -156,7 +156,7 @@ class LocalStack:
         argv = [sys.executable, "-m", "cli", "worker", f"--queues={','.join(queues)}", f"--name={hostname}"]
         argv.append("--callbacks" if callbacks else "--no-callbacks")
         process = self.spawn(name, argv, {"REFINERY_METRICS_PORT": str(metrics_port), **(env or {})})
-        store = JobStore.from_settings(self.settings)
+        store = RecordStore.from_settings(self.settings)
         wait_until(
             lambda: hostname in store.workers(),
             timeout_s=timeout_s,

@@ -26,9 +26,7 @@ from redis.sentinel import MasterNotFoundError
 
 from shared.broker import make_celery, queue_depth
 from shared.callbacks import check_callback_url
-from shared.errors import BrokerUnavailable, InvalidImage, InvalidInput, QueueFull
-from shared.images import decode_image
-from shared.jobs import (
+from shared.contract import (
     GenerateSpec,
     JobRecord,
     JobState,
@@ -37,11 +35,13 @@ from shared.jobs import (
     build_spec,
     parse_s3_uri,
 )
+from shared.errors import BrokerUnavailable, InvalidImage, InvalidInput, QueueFull
+from shared.images import decode_image
+from shared.objects import ObjectStore
 from shared.presets import get_preset
+from shared.records import RecordStore
 from shared.routing import ROUTES, send_callback, send_job
 from shared.settings import Settings, get_settings
-from shared.storage import Storage
-from shared.store import JobStore
 
 
 @dataclass(frozen=True)
@@ -62,18 +62,18 @@ class JobHandle:
 class Client:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
-        self.store = JobStore.from_settings(self.settings)
+        self.store = RecordStore.from_settings(self.settings)
 
     @cached_property
     def celery(self):
         return make_celery(self.settings)
 
     @cached_property
-    def storage(self) -> Storage:
-        return Storage(self.settings)
+    def storage(self) -> ObjectStore:
+        return ObjectStore(self.settings)
 
     def submit_generate(self, prompt: str, **fields: Any) -> JobHandle:
-        """Queue a generate-and-refine job; see ``shared.jobs.GenerateSpec`` for the fields."""
+        """Queue a generate-and-refine job; see ``shared.contract.GenerateSpec`` for the fields."""
         spec = build_spec(GenerateSpec, prompt=prompt, **fields)
         get_preset(self.settings.model_preset).check_size(spec.width, spec.height)
         # Drawn here, not in the worker, so a redelivered job makes the same image.
@@ -82,7 +82,7 @@ class Client:
         return self._submit(spec, seed=seed)
 
     def submit_pair(self, prompt: str, *, dataset: str, pair_id: str, **fields: Any) -> JobHandle:
-        """Queue one dataset pair (see ``shared.jobs.PairSpec``); resubmitting the same pair
+        """Queue one dataset pair (see ``shared.contract.PairSpec``); resubmitting the same pair
         of the same dataset returns the job already made for it."""
         dataset_tag = hashlib.sha1(dataset.rstrip("/").encode()).hexdigest()[:16]
         spec = build_spec(

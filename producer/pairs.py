@@ -22,9 +22,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from producer.client import Client, JobHandle
 from producer.prompts import build_prompts
 from shared.broker import queue_depth
+from shared.contract import JobState, PairSpec, parse_s3_uri
 from shared.datasets import pair_id_of, pair_paths
 from shared.errors import InvalidInput, StorageUnavailable
-from shared.jobs import JobState, PairSpec, parse_s3_uri
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Preflight checks of a deployment (`refinery doctor`, and `refinery status` for the
 queues, workers and callbacks), each one a row: name, ok/warn/fail, detail.
 
-A worker's heartbeat record (`JobStore.workers`) says what it serves; whether it is alive
+A worker's heartbeat record (`RecordStore.workers`) says what it serves; whether it is alive
 now is asked of the worker itself with Celery's ping, since the record of a worker killed
 without a shutdown, or hung, outlives it by up to three heartbeats.
 """
@@ -24,11 +24,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 from producer.client import Client
 from shared import keys
 from shared.broker import queue_depth, queue_lists
-from shared.jobs import JobRecord, JobState
+from shared.contract import JobRecord, JobState
+from shared.objects import ObjectStore
 from shared.redis_client import is_sentinel, min_replicas_ack, sentinel_topology
 from shared.routing import model_queues
 from shared.settings import Settings
-from shared.storage import Storage
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -176,7 +176,7 @@ def _clock_skew(client: redis.Redis, limit_s: float) -> Check:
 
 def _storage(settings: Settings) -> Check:
     # One attempt per call: a probe reports what it sees; a readiness probe's caller retries.
-    storage = Storage(settings.model_copy(update={"s3_max_attempts": 1}))
+    storage = ObjectStore(settings.model_copy(update={"s3_max_attempts": 1}))
     key = f"{settings.s3_prefix}/doctor/{uuid.uuid4().hex}"
     where = f"s3://{settings.s3_bucket}/{key}"
     body = b"refinery doctor probe"

@@ -23,8 +23,8 @@ from xml.sax.saxutils import quoteattr
 import fpng
 from PIL import ExifTags, Image, ImageOps
 
+from shared.contract import OutputFormat
 from shared.errors import InvalidImage
-from shared.jobs import OutputFormat
 
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 ALGORITHMICALLY_ENHANCED = "http://cv.iptc.org/newscodes/digitalsourcetype/algorithmicallyEnhanced"

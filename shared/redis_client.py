@@ -138,7 +138,7 @@ def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
 
 
 def min_replicas_ack(settings: Settings) -> int:
-    """Replicas a submitted job must reach before submit returns (see ``shared.store``)."""
+    """Replicas a submitted job must reach before submit returns (see ``shared.records``)."""
     if settings.redis_min_replicas_ack is not None:
         return settings.redis_min_replicas_ack
     return 1 if is_sentinel(settings) else 0
@@ -167,7 +167,7 @@ def connect(settings: Settings) -> redis.Redis:
         return redis.Redis.from_url(settings.redis_url, **options)
     master = sentinel_master(settings)
     address = parse_sentinel_url(settings.redis_url)
-    login = {"username": address.username, "password": address.password}
+    login: dict[str, Any] = {"username": address.username, "password": address.password}
     if settings.redis_sentinel_tls:
         options["ssl"] = True
     return _sentinel(settings).master_for(master, db=address.db, **login, **options)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from celery import Celery
 
 from shared import keys
-from shared.jobs import JobKind, JobRecord
+from shared.contract import JobKind, JobRecord
 from shared.settings import Settings
 
 

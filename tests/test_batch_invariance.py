@@ -10,11 +10,11 @@ from PIL import Image
 
 from devstack.stack import LocalStack
 from producer.client import Client
-from shared.jobs import JobState
+from shared.contract import JobState
+from shared.objects import ObjectStore
 from shared.settings import Settings
-from shared.storage import Storage
-from worker.jobs.generate import GenerateItem, GenerateJob, GenerateKey
-from worker.jobs.refine import RefineJob, RefineKey
+from worker.handlers.generate import GenerateItem, GenerateJob, GenerateKey
+from worker.handlers.refine import RefineJob, RefineKey
 from worker.registry import ModelRegistry
 
 PROMPTS = ["portrait of an old man", "portrait of a young woman", "portrait of a child", "portrait of a bald man"]
@@ -33,7 +33,7 @@ def registry(tmp_path_factory) -> ModelRegistry:
 
 
 def test_batched_generate_and_refine_equal_single_runs(registry):
-    work = GenerateJob(registry, Storage(registry.settings), registry.settings).run_batch
+    work = GenerateJob(registry, ObjectStore(registry.settings), registry.settings).run_batch
     key = GenerateKey(width=64, height=48, steps=4, guidance=0.0)
     items = [GenerateItem(p, s, refine=True) for p, s in zip(PROMPTS, SEEDS)]
 
@@ -50,7 +50,7 @@ def test_batched_generate_and_refine_equal_single_runs(registry):
 
 
 def test_refine_only_batches_equal_single_runs(registry):
-    work = RefineJob(registry, Storage(registry.settings), registry.settings).run_batch
+    work = RefineJob(registry, ObjectStore(registry.settings), registry.settings).run_batch
     images = [torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     key = RefineKey(width=56, height=40)
     batched = work(key, images)

@@ -17,8 +17,8 @@ from PIL import Image
 from devstack.stack import LocalStack
 from producer.client import Client
 from refiner.export import NOOP, NoopRefiner, load_refiner
+from shared.contract import JobState, OutputFormat
 from shared.images import read_provenance
-from shared.jobs import JobState, OutputFormat
 from shared.presets import get_preset
 from worker.models import generate, load_pipeline
 

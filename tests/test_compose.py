@@ -181,7 +181,7 @@ def test_every_compose_variable_is_in_env_example() -> None:
 
 def test_keda_scales_on_the_generate_lists() -> None:
     from shared.broker import PRIORITY_STEPS, queue_lists
-    from shared.jobs import Priority
+    from shared.contract import Priority
     from shared.settings import Settings
 
     documents = list(yaml.safe_load_all((DOCKER / "keda-scaledobject.yaml").read_text()))

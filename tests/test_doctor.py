@@ -20,7 +20,7 @@ import redis
 
 from devstack.stack import LocalStack
 from producer.client import Client
-from shared.jobs import GenerateSpec, JobKind, JobRecord, JobState, utcnow
+from shared.contract import GenerateSpec, JobKind, JobRecord, JobState, utcnow
 from shared.routing import send_callback
 
 

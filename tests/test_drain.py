@@ -17,8 +17,8 @@ import pytest
 from devstack.stack import LocalStack, wait_until
 from producer.client import Client
 from shared.broker import queue_depth
-from shared.jobs import JobState
-from shared.storage import Storage
+from shared.contract import JobState
+from shared.objects import ObjectStore
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ LONG = 1024  # a batch of a few seconds on this CPU: long enough to be caught on
 
 
 def _objects(stack: LocalStack) -> list[str]:
-    listed = Storage(stack.settings).client.list_objects_v2(
+    listed = ObjectStore(stack.settings).client.list_objects_v2(
         Bucket=stack.settings.s3_bucket, Prefix=f"{stack.settings.s3_prefix}/jobs/"
     )
     return [obj["Key"] for obj in listed.get("Contents", [])]

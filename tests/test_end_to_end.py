@@ -16,9 +16,9 @@ from PIL import Image
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from devstack.stack import wait_until
+from shared.contract import JobState
 from shared.errors import CallbackRefused, InvalidInput
 from shared.images import TRAINED_ALGORITHMIC_MEDIA, read_provenance
-from shared.jobs import JobState
 
 pytestmark = pytest.mark.integration
 

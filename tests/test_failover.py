@@ -23,11 +23,11 @@ from devstack.stack import LocalStack, wait_until
 from producer import preflight
 from producer.client import Client, JobHandle
 from shared.broker import make_celery, queue_lists
+from shared.contract import JobRecord, JobState
 from shared.errors import BrokerUnavailable, InvalidInput
-from shared.jobs import JobRecord, JobState
+from shared.objects import ObjectStore
 from shared.redis_client import connect, min_replicas_ack, parse_sentinel_url, sentinel_topology
 from shared.settings import Settings
-from shared.storage import Storage
 
 JOBS = 40
 SIZE = 128
@@ -68,7 +68,7 @@ def _drop_message(client: Client, job_id: str) -> None:
 def _result_keys(stack: LocalStack) -> dict[str, list[str]]:
     """The objects under jobs/, by job id."""
     prefix = f"{stack.settings.s3_prefix}/jobs/"
-    listed = Storage(stack.settings).client.list_objects_v2(Bucket=stack.settings.s3_bucket, Prefix=prefix)
+    listed = ObjectStore(stack.settings).client.list_objects_v2(Bucket=stack.settings.s3_bucket, Prefix=prefix)
     by_job: dict[str, list[str]] = defaultdict(list)
     for obj in listed.get("Contents", []):
         job_id, name = obj["Key"].removeprefix(prefix).split("/", 1)

@@ -17,8 +17,8 @@ import pytest
 from devstack.stack import LocalStack, wait_until
 from producer.client import Client
 from shared import keys
-from shared.jobs import GenerateSpec, JobKind, JobRecord, JobState
-from shared.storage import Storage
+from shared.contract import GenerateSpec, JobKind, JobRecord, JobState
+from shared.objects import ObjectStore
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ LONG = 1024  # a job of a few seconds on this CPU: long enough to be caught runn
 
 
 def _objects(stack: LocalStack) -> list[str]:
-    listed = Storage(stack.settings).client.list_objects_v2(
+    listed = ObjectStore(stack.settings).client.list_objects_v2(
         Bucket=stack.settings.s3_bucket, Prefix=f"{stack.settings.s3_prefix}/jobs/"
     )
     return [obj["Key"] for obj in listed.get("Contents", [])]

@@ -23,9 +23,9 @@ import redis
 from devstack.stack import free_port, wait_until
 from shared import keys
 from shared.broker import PRIORITY_STEPS, make_celery, queue_lists
-from shared.jobs import JobState, Priority
+from shared.contract import JobState, Priority
+from shared.records import RecordStore
 from shared.settings import Settings
-from shared.store import JobStore
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "deploy.md").read_text()
@@ -148,7 +148,7 @@ def test_kombu_decodes_the_documented_example(redis_url: str) -> None:
     client.lpush(list_name("generate", 3), json.dumps(DOC_MESSAGE))
 
     # The record is one the producer's and worker's store reads.
-    record = JobStore(client, 604800).get(job_id)
+    record = RecordStore(client, 604800).get(job_id)
     assert record.state is JobState.queued and record.seed == 7 and record.created_at.tzinfo is not None
 
     app = make_celery(settings_for(redis_url))
@@ -171,14 +171,14 @@ import redis
 from shared import keys
 from shared.broker import make_celery
 from shared.settings import Settings
-from shared.store import JobStore
+from shared.records import RecordStore
 
 settings = Settings(_env_file=None, redis_url=os.environ["FOREIGN_REDIS_URL"])
 app = make_celery(settings)
 client = redis.Redis.from_url(settings.redis_url)
 
 def _seen(task, job_id):
-    record = JobStore(client, settings.job_ttl_s).get(job_id)  # the record must parse
+    record = RecordStore(client, settings.job_ttl_s).get(job_id)  # the record must parse
     info = task.request.delivery_info or {}
     client.rpush("seen", json.dumps({"task": task.name, "job_id": job_id, "kind": record.kind, "queue": info.get("routing_key")}))
 

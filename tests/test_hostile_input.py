@@ -29,8 +29,8 @@ from devstack.stack import wait_until
 from producer.client import Client, JobHandle
 from shared import keys
 from shared.broker import queue_depth
+from shared.contract import JobKind, JobRecord, JobState, RefineSpec
 from shared.errors import CallbackRefused, InvalidImage, InvalidInput, RefineryError
-from shared.jobs import JobKind, JobRecord, JobState, RefineSpec
 
 pytestmark = pytest.mark.integration
 

@@ -9,6 +9,7 @@ import zlib
 import pytest
 from PIL import ExifTags, Image, ImageFile
 
+from shared.contract import OutputFormat
 from shared.errors import InvalidImage
 from shared.images import (
     ALGORITHMICALLY_ENHANCED,
@@ -20,7 +21,6 @@ from shared.images import (
     encode_image,
     read_provenance,
 )
-from shared.jobs import OutputFormat
 
 LIMITS = {"max_bytes": 1 << 20, "max_pixels": 2048 * 2048}
 PROVENANCE = Provenance(

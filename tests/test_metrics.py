@@ -8,7 +8,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.stack import free_port
-from shared.jobs import GenerateSpec, JobRecord, JobState, RefineSpec
+from shared.contract import GenerateSpec, JobRecord, JobState, RefineSpec
 from worker import metrics
 
 

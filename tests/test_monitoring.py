@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devstack.stack import LocalStack, free_port, wait_until
 from producer.client import Client
 from shared import keys
-from shared.jobs import JobState
+from shared.contract import JobState
 from shared.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ from standardwebhooks.webhooks import Webhook
 
 from devstack.stack import TEST_CALLBACK_SECRET, LocalStack, wait_until
 from producer.client import Client
-from shared.jobs import JobState
+from shared.contract import JobState
 
 pytestmark = pytest.mark.integration
 

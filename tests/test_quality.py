@@ -19,7 +19,7 @@ from devstack.stack import LocalStack, free_port
 from producer.client import Client
 from refiner.export import Refiner
 from refiner.networks import RefinerUNet
-from shared.jobs import JobState
+from shared.contract import JobState
 from shared.settings import Settings
 from worker.quality import QualityMonitor
 

@@ -26,7 +26,7 @@ from devstack.stack import LocalStack
 from producer.client import Client
 from refiner import load_refiner, to_tensor
 from refiner.metrics import quantize
-from shared.jobs import JobState
+from shared.contract import JobState
 
 pytestmark = pytest.mark.integration
 

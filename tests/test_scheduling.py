@@ -13,8 +13,8 @@ import pytest
 
 from devstack.stack import LocalStack
 from producer.client import Client
+from shared.contract import JobState
 from shared.errors import QueueFull
-from shared.jobs import JobState
 
 pytestmark = pytest.mark.integration
 

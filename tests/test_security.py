@@ -28,9 +28,9 @@ from devstack.stack import LocalStack, free_port, wait_until
 from producer.client import Client
 from shared import keys
 from shared.broker import make_celery, queue_depth, queue_lists
-from shared.jobs import GenerateSpec, JobKind, JobRecord, JobState
+from shared.contract import GenerateSpec, JobKind, JobRecord, JobState
+from shared.records import RecordStore
 from shared.settings import Settings
-from shared.store import JobStore
 
 pytestmark = pytest.mark.integration
 
@@ -154,7 +154,7 @@ def test_redis_password_is_honoured(password_redis: int) -> None:
     port = password_redis
     url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
 
-    store = JobStore.from_settings(settings_for(url))
+    store = RecordStore.from_settings(settings_for(url))
     assert store.redis.ping()
     # The producer writes its record and its message through the password.
     client = Client(settings_for(url))
@@ -176,7 +176,7 @@ def test_redis_without_the_right_password_is_an_auth_error(password_redis: int, 
     url = f"redis://{userinfo}127.0.0.1:{password_redis}/0"
 
     with pytest.raises(redis.exceptions.AuthenticationError):
-        JobStore.from_settings(settings_for(url)).redis.ping()
+        RecordStore.from_settings(settings_for(url)).redis.ping()
     with pytest.raises(redis.exceptions.AuthenticationError):
         Client(settings_for(url)).submit_generate("portrait", seed=1, width=SIZE, height=SIZE)
     app = make_celery(settings_for(url))
@@ -275,7 +275,7 @@ def test_rediss_url_job_store_checks_the_server_certificate(tls_redis) -> None:
     CA the system does not trust, so the connection must be refused."""
     port, _ = tls_redis
     with pytest.raises(redis.exceptions.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
-        JobStore.from_settings(settings_for(f"rediss://:{PASSWORD}@127.0.0.1:{port}/0")).redis.ping()
+        RecordStore.from_settings(settings_for(f"rediss://:{PASSWORD}@127.0.0.1:{port}/0")).redis.ping()
 
 
 def test_rediss_url_broker_checks_the_server_certificate(tls_redis) -> None:

@@ -10,12 +10,12 @@ import sys
 import pytest
 
 from devstack.stack import LocalStack
+from shared.contract import GenerateSpec, JobRecord, PairSpec
 from shared.errors import InvalidInput
-from shared.jobs import GenerateSpec, JobRecord, PairSpec
+from shared.objects import ObjectStore
 from shared.settings import Settings
-from shared.storage import Storage
-from worker.jobs.generate import GenerateJob
-from worker.jobs.pair import PairJob
+from worker.handlers.generate import GenerateJob
+from worker.handlers.pair import PairJob
 from worker.registry import ModelRegistry
 from worker.timing import StageTimer
 
@@ -28,7 +28,7 @@ def flux_registry(tmp_path) -> ModelRegistry:
 
 
 def test_a_flux_worker_refuses_a_tiny_generate_job(flux_registry):
-    job = GenerateJob(flux_registry, Storage(flux_registry.settings), flux_registry.settings)
+    job = GenerateJob(flux_registry, ObjectStore(flux_registry.settings), flux_registry.settings)
     record = JobRecord(
         job_id="j", kind="generate_and_refine", spec=GenerateSpec(prompt="p", width=32, height=512), seed=1
     )
@@ -42,7 +42,7 @@ def test_a_flux_worker_refuses_a_tiny_generate_job(flux_registry):
 
 
 def test_a_flux_pairs_worker_refuses_a_tiny_pair(flux_registry):
-    job = PairJob(flux_registry, Storage(flux_registry.settings), flux_registry.settings)
+    job = PairJob(flux_registry, ObjectStore(flux_registry.settings), flux_registry.settings)
     spec = PairSpec(
         prompt="p",
         seed=1,

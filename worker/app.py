@@ -24,9 +24,9 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from shared import keys
 from shared.broker import make_celery
 from shared.callbacks import CallbackFailed
+from shared.records import RecordStore
 from shared.routing import ROUTES
 from shared.settings import Settings
-from shared.store import JobStore
 from worker import metrics
 from worker.orphans import OrphanSweeper
 
@@ -48,7 +48,7 @@ def make_app(
     ``metrics_url``: where this worker serves Prometheus, published in its worker record."""
     app = make_celery(settings)
     runner = build_runner(app) if build_runner is not None else None
-    store = JobStore.from_settings(settings)
+    store = RecordStore.from_settings(settings)
 
     if runner is not None:
         from worker.lifecycle import HandBack

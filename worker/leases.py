@@ -15,14 +15,14 @@ import time
 import uuid
 from datetime import timedelta
 
-from shared.jobs import JobRecord, JobState, utcnow
-from shared.store import JobStore
+from shared.contract import JobRecord, JobState, utcnow
+from shared.records import RecordStore
 
 logger = logging.getLogger(__name__)
 
 
 class LeaseKeeper:
-    def __init__(self, store: JobStore, lease_s: float, worker_name: str) -> None:
+    def __init__(self, store: RecordStore, lease_s: float, worker_name: str) -> None:
         self.store = store
         self.lease = timedelta(seconds=lease_s)
         # Unique per process: a worker restarted under the same name must not mistake the

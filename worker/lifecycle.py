@@ -5,7 +5,7 @@ when the worker drains.
 
 No Celery here: tasks call ``JobRunner.run(job_id)``; everything the runner touches
 (handlers, Redis, S3) comes in through its constructor. No per-kind code either: that is
-in ``worker/jobs/``.
+in ``worker/handlers/``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from shared.contract import JobError, JobKind, JobRecord, JobResult, JobState, Quality, utcnow
 from shared.errors import RefineryError
-from shared.jobs import JobError, JobKind, JobRecord, JobResult, JobState, Quality, utcnow
+from shared.objects import ObjectStore
+from shared.records import RecordStore
 from shared.settings import Settings
-from shared.storage import Storage
-from shared.store import JobStore
 from worker import metrics
 from worker.batcher import BatcherClosed, DynamicBatcher
-from worker.jobs import Handlers
+from worker.handlers import Handlers
 from worker.leases import LeaseKeeper
 from worker.registry import ModelRegistry
 from worker.timing import StageTimer
@@ -66,8 +66,8 @@ class JobRunner:
         handlers: Handlers,
         batcher: DynamicBatcher,
         leases: LeaseKeeper,
-        store: JobStore,
-        storage: Storage,
+        store: RecordStore,
+        storage: ObjectStore,
         notify: Callable[[str, str], None],
         worker_name: str,
     ) -> None:
@@ -294,7 +294,7 @@ def build_runner(
 ) -> JobRunner:
     """Load and warm the models these job kinds need, before the worker consumes."""
     registry = ModelRegistry(settings)
-    storage = Storage(settings)
+    storage = ObjectStore(settings)
     handlers = Handlers(kinds, registry, storage, settings)
     registry.warm_up(handlers.pipelines)
     batcher = DynamicBatcher(
@@ -302,6 +302,6 @@ def build_runner(
         max_batch=lambda key: settings.max_batch_for(key.width, key.height),
         max_wait_s=settings.max_wait_ms / 1000,
     )
-    store = JobStore.from_settings(settings)
+    store = RecordStore.from_settings(settings)
     leases = LeaseKeeper(store, settings.lease_s, worker_name)
     return JobRunner(settings, registry, handlers, batcher, leases, store, storage, notify, worker_name)

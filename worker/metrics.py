@@ -18,8 +18,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
+from shared.contract import JobRecord
 from shared.errors import InvalidInput
-from shared.jobs import JobRecord
 
 STAGES = ("load_input", "generate", "refine", "encode", "upload")
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 
 from shared.callbacks import CallbackFailed, deliver
-from shared.jobs import CallbackStatus, JobRecord, utcnow
+from shared.contract import CallbackStatus, JobRecord, utcnow
+from shared.records import RecordStore
 from shared.settings import Settings
-from shared.store import JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def callback_payload(record: JobRecord, event: str) -> dict:
     }
 
 
-def deliver_job_callback(settings: Settings, store: JobStore, job_id: str, event: str) -> None:
+def deliver_job_callback(settings: Settings, store: RecordStore, job_id: str, event: str) -> None:
     """One delivery attempt of the job's ``event`` (the state it entered); raises
     CallbackFailed when it should be retried. The data is the record as it is now."""
     record = store.get(job_id)
@@ -56,7 +56,7 @@ def deliver_job_callback(settings: Settings, store: JobStore, job_id: str, event
     logger.info("job %s: callback delivered (%s)", job_id, status)
 
 
-def _record_attempt(store: JobStore, job_id: str, url: str, status: int | None, error: str | None) -> None:
+def _record_attempt(store: RecordStore, job_id: str, url: str, status: int | None, error: str | None) -> None:
     def mutate(record: JobRecord) -> JobRecord:
         previous = record.callback or CallbackStatus(url=url)
         record.callback = CallbackStatus(

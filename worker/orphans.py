@@ -18,17 +18,17 @@ import time
 from celery import Celery
 
 from shared.broker import held_task_ids, queue_depth
+from shared.contract import JobKind, JobState
 from shared.errors import JobNotFound
-from shared.jobs import JobKind, JobState
+from shared.records import RecordStore
 from shared.routing import ROUTES, send_job
 from shared.settings import Settings
-from shared.store import JobStore
 
 logger = logging.getLogger(__name__)
 
 
 class OrphanSweeper:
-    def __init__(self, app: Celery, store: JobStore, settings: Settings, kinds: list[JobKind]) -> None:
+    def __init__(self, app: Celery, store: RecordStore, settings: Settings, kinds: list[JobKind]) -> None:
         self.app = app
         self.store = store
         self.settings = settings

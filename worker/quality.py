@@ -14,7 +14,7 @@ import statistics
 import threading
 from collections import defaultdict, deque
 
-from shared.jobs import Quality
+from shared.contract import Quality
 from shared.settings import Settings
 
 # MAD times this estimates the standard deviation of normally distributed scores.

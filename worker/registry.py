@@ -17,7 +17,7 @@ from diffusers import FluxPipeline
 from huggingface_hub import try_to_load_from_cache
 
 from refiner import Refiner, load_refiner
-from shared.jobs import Quality
+from shared.contract import Quality
 from shared.presets import Preset, get_preset
 from shared.settings import Settings
 from worker.free_model import NoopPipeline

@@ -9,13 +9,13 @@ from typing import ClassVar
 import torch
 
 from refiner.pixels import to_pil
+from shared.contract import JobKind, JobRecord, JobResult, OutputFormat, PairSpec, parse_s3_uri
 from shared.datasets import PAIR_IMAGES, ManifestRow, PresetRow, pair_uris
 from shared.errors import InvalidInput
 from shared.images import CONTENT_TYPES, TRAINED_ALGORITHMIC_MEDIA, Provenance, encode_image
-from shared.jobs import JobKind, JobRecord, JobResult, OutputFormat, PairSpec, parse_s3_uri
 from shared.presets import Preset
-from worker.jobs.base import BatchKey, JobHandler, Published
-from worker.jobs.generate import GenerateItem
+from worker.handlers.base import BatchKey, JobHandler, Published
+from worker.handlers.generate import GenerateItem
 from worker.models import generate
 from worker.timing import StageTimer
 

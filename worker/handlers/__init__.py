@@ -1,19 +1,19 @@
 """One handler per job kind (``generate``, ``refine``, ``pair``); ``worker/lifecycle.py``
-runs any of them. Adding a kind: its spec in ``shared/jobs.py``, its row in
+runs any of them. Adding a kind: its spec in ``shared/contract.py``, its row in
 ``shared/routing.py``, and a handler module here listed in ``HANDLERS``."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from shared.contract import JobKind
 from shared.errors import InvalidInput
-from shared.jobs import JobKind
+from shared.objects import ObjectStore
 from shared.settings import Settings
-from shared.storage import Storage
-from worker.jobs.base import BatchKey, JobHandler
-from worker.jobs.generate import GenerateJob
-from worker.jobs.pair import PairJob
-from worker.jobs.refine import RefineJob
+from worker.handlers.base import BatchKey, JobHandler
+from worker.handlers.generate import GenerateJob
+from worker.handlers.pair import PairJob
+from worker.handlers.refine import RefineJob
 from worker.registry import ModelRegistry
 
 HANDLERS: dict[JobKind, type[JobHandler]] = {
@@ -26,7 +26,7 @@ HANDLERS: dict[JobKind, type[JobHandler]] = {
 class Handlers:
     """The handlers of the kinds one worker serves, and ``run_batch`` for its batcher."""
 
-    def __init__(self, kinds: list[JobKind], models: ModelRegistry, storage: Storage, settings: Settings) -> None:
+    def __init__(self, kinds: list[JobKind], models: ModelRegistry, storage: ObjectStore, settings: Settings) -> None:
         self.by_kind: dict[JobKind, JobHandler] = {kind: HANDLERS[kind](models, storage, settings) for kind in kinds}
         self._by_key = {handler.Key: handler for handler in self.by_kind.values()}
         self.pipelines = {name for handler in self.by_kind.values() for name in handler.pipelines}

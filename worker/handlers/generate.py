@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from shared.contract import GenerateSpec, JobKind, JobRecord
 from shared.errors import InvalidInput
 from shared.images import TRAINED_ALGORITHMIC_MEDIA, Provenance
-from shared.jobs import GenerateSpec, JobKind, JobRecord
-from worker.jobs.base import BatchKey, JobHandler, ModelOutput, Published, publish_image
+from worker.handlers.base import BatchKey, JobHandler, ModelOutput, Published, publish_image
 from worker.models import generate
 from worker.timing import StageTimer
 

@@ -8,9 +8,9 @@ from typing import ClassVar
 import torch
 
 from refiner.pixels import to_tensor
+from shared.contract import JobKind, JobRecord, RefineSpec
 from shared.images import ALGORITHMICALLY_ENHANCED, Provenance, decode_image
-from shared.jobs import JobKind, JobRecord, RefineSpec
-from worker.jobs.base import BatchKey, JobHandler, ModelOutput, Published, publish_image
+from worker.handlers.base import BatchKey, JobHandler, ModelOutput, Published, publish_image
 from worker.timing import StageTimer
 
 

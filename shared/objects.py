@@ -14,8 +14,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from shared.contract import parse_s3_uri
 from shared.errors import InputNotFound, InvalidImage, InvalidInput, StorageUnavailable
-from shared.jobs import parse_s3_uri
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 
 
-class Storage:
+class ObjectStore:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         secret = settings.s3_secret_access_key

@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 import torch
 
 from refiner.pixels import to_pil
+from shared.contract import JobKind, JobRecord, JobResult, Quality
 from shared.images import CONTENT_TYPES, EXTENSIONS, Provenance, encode_image
-from shared.jobs import JobKind, JobRecord, JobResult, Quality
+from shared.objects import ObjectStore
 from shared.settings import Settings
-from shared.storage import Storage
 from worker.registry import ModelRegistry
 from worker.timing import StageTimer
 
@@ -44,7 +44,7 @@ class JobHandler(ABC):
     Key: ClassVar[type[BatchKey]]
     pipelines: ClassVar[tuple[str, ...]]  # the registry's pipelines it uses: "pipeline", "teacher"
 
-    def __init__(self, models: ModelRegistry, storage: Storage, settings: Settings) -> None:
+    def __init__(self, models: ModelRegistry, storage: ObjectStore, settings: Settings) -> None:
         self.models = models
         self.storage = storage
         self.settings = settings
@@ -80,7 +80,7 @@ class ModelOutput:
 
 
 def publish_image(
-    storage: Storage,
+    storage: ObjectStore,
     record: JobRecord,
     output: ModelOutput,
     provenance: Provenance,

@@ -14,8 +14,8 @@ from typing import cast
 import redis
 
 from shared import keys
+from shared.contract import JobRecord, JobState, utcnow
 from shared.errors import BrokerUnavailable, JobNotFound
-from shared.jobs import JobRecord, JobState, utcnow
 from shared.redis_client import connect, min_replicas_ack
 from shared.settings import Settings
 
@@ -36,7 +36,7 @@ def _text(value: bytes | str) -> str:
     return cast(bytes, value).decode()
 
 
-class JobStore:
+class RecordStore:
     def __init__(self, client: redis.Redis, ttl_s: int, replicas: int = 0, wait_ms: int = 500) -> None:
         self.redis = client
         self.ttl_s = ttl_s
@@ -48,7 +48,7 @@ class JobStore:
         self.wait_ms = wait_ms
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> JobStore:
+    def from_settings(cls, settings: Settings) -> RecordStore:
         return cls(connect(settings), settings.job_ttl_s, min_replicas_ack(settings), settings.redis_wait_ms)
 
     def replicate(self, job_id: str, state: str, *, required: bool = False) -> None:
