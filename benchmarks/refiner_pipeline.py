@@ -119,7 +119,7 @@ def main() -> None:
     already_there = len(list((data / MANIFEST_DIR).glob("*.json")))
     started = time.perf_counter()
     with LocalStack(work / "stack", max_batch=16) as stack:
-        stack.start_worker("pairs", [stack.settings.queue_pairs])
+        stack.start_worker("pairs", [stack.settings.queue("pair")])
         refinery(
             stack.env,
             "pairs",

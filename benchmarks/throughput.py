@@ -70,13 +70,14 @@ def system(workdir: Path, preset: str, size: int, jobs: int, max_batch: int, max
         return {"max_batch": max_batch, **burst(stack, size, jobs)}
 
 
-def burst(stack: LocalStack, size: int, jobs: int) -> dict:
-    """jobs/s of ``jobs`` submitted at once to the stack's running worker, after one to warm it."""
+def burst(stack: LocalStack, size: int, jobs: int, timeout_s: float = 600) -> dict:
+    """jobs/s of ``jobs`` submitted at once to the stack's running worker, after one to warm
+    it; each wait ends after ``timeout_s``."""
     client = Client(stack.settings)
-    warm = client.submit_generate(PROMPT, seed=0, width=size, height=size).wait(600)
+    warm = client.submit_generate(PROMPT, seed=0, width=size, height=size).wait(timeout_s)
     assert warm.state == "succeeded", warm.error
     handles = [client.submit_generate(PROMPT, seed=seed, width=size, height=size) for seed in range(jobs)]
-    records = [handle.wait(600) for handle in handles]
+    records = [handle.wait(timeout_s) for handle in handles]
     assert all(r.state == "succeeded" for r in records), [r.error for r in records if r.error]
     span = (max(r.finished_at for r in records) - min(r.created_at for r in records)).total_seconds()
     latency = [r.timings_ms["total"] for r in records]

@@ -14,7 +14,7 @@ import click
 import redis
 from kombu.exceptions import OperationalError
 
-from cli import demo, doctor, jobs, pairs, refiner, worker
+from cli import demo, doctor, gateway, jobs, pairs, training, worker
 from cli.common import EXIT_ERROR
 from shared.errors import BrokerUnavailable, InvalidInput, RefineryError
 
@@ -60,13 +60,15 @@ for command in (
     jobs.cancel,
     jobs.dead_letters,
     pairs.pairs,
-    refiner.train,
-    refiner.evaluate,
+    training.train,
+    training.evaluate,
     worker.worker,
     worker.node,
     worker.workers,
     doctor.doctor,
     demo.demo,
+    gateway.gateway,
+    gateway.keys,
 ):
     refinery.add_command(command)
 

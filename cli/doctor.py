@@ -13,7 +13,7 @@ from cli.common import EXIT_ERROR, make_client, show_checks
 @click.option(
     "--queues",
     default=None,
-    help="Comma-separated queues that must have a live worker; default: generate, refine and callbacks.",
+    help="Comma-separated queues that must have a live worker; default: those of the kinds served by default, and callbacks.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: status and every check.")
 def doctor(queues: str | None, as_json: bool) -> None:

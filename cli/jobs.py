@@ -25,7 +25,7 @@ def _show(record: JobRecord, as_json: bool) -> None:
         return
     table = Table(show_header=False, box=None)
     table.add_row("job", record.job_id)
-    table.add_row("kind", record.kind.value)
+    table.add_row("kind", record.kind)
     table.add_row("state", record.state.value)
     table.add_row("attempts", str(record.attempts))
     if record.seed is not None:

@@ -12,11 +12,12 @@ import click
 from rich.table import Table
 
 from cli.common import console, load_settings, make_client
+from shared.routing import default_queues
 from shared.settings import Settings
 
 
 @click.command()
-@click.option("--queues", default=None, help="Comma-separated; default: generate,refine.")
+@click.option("--queues", default=None, help="Comma-separated; default: the queues of the kinds served by default.")
 @click.option("--preset", default=None, help="Model preset; default: REFINERY_MODEL_PRESET.")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--name", default=None, help="Worker name (Celery hostname).")
@@ -39,12 +40,12 @@ def worker(
     settings = load_settings()
     if preset:
         settings = settings.model_copy(update={"model_preset": preset})
-    run_worker(settings, _queues(settings, queues), loglevel=loglevel, name=name, callbacks=callbacks)
+    run_worker(settings, resolve_queues(settings, queues), loglevel=loglevel, name=name, callbacks=callbacks)
 
 
 @click.command()
 @click.option("--gpus", default="all", show_default=True, help="'all' (CUDA_VISIBLE_DEVICES or every GPU) or ids: 0,1")
-@click.option("--queues", default=None, help="Model queues of each GPU worker; default: generate,refine.")
+@click.option("--queues", default=None, help="Model queues of each GPU worker; default: as for `refinery worker`.")
 @click.option("--callbacks/--no-callbacks", default=True, show_default=True, help="Run the node's callbacks worker.")
 def node(gpus: str, queues: str | None, callbacks: bool) -> None:
     """Run a GPU node: a model worker per GPU (a CPU one without GPUs) and a callbacks worker,
@@ -53,12 +54,14 @@ def node(gpus: str, queues: str | None, callbacks: bool) -> None:
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: node] %(message)s")
     settings = load_settings()
-    sys.exit(Node(settings, plan_children(settings, gpus, _queues(settings, queues), callbacks)).run())
+    sys.exit(Node(settings, plan_children(settings, gpus, resolve_queues(settings, queues), callbacks)).run())
 
 
-def _queues(settings: Settings, queues: str | None) -> list[str]:
-    names = queues.split(",") if queues else [settings.queue_generate, settings.queue_refine]
-    return [q.strip() for q in names if q.strip()]
+def resolve_queues(settings: Settings, queues: str | None) -> list[str]:
+    """The --queues option as given, or the default queues."""
+    if not queues:
+        return default_queues(settings)
+    return [q.strip() for q in queues.split(",") if q.strip()]
 
 
 @click.command()

@@ -29,6 +29,7 @@ from refiner.metrics import high_frequency_energy
 from refiner.pixels import to_tensor
 from refiner.report import sample_grid
 from shared.contract import JobRecord
+from shared.routing import model_queues
 
 # A refiner trained on the offline doubles' pairs; its card (refiner.json) says on what and how.
 DEMO_REFINER = Path(__file__).parent / "demo_refiner"
@@ -55,29 +56,30 @@ def run_demo(*, jobs: int, out: Path, refiner: str, console: Console) -> None:
     ):
         settings = stack.settings
         console.log(f"redis-server on :{stack.redis_port}, S3 (moto) on :{stack.s3_port}")
-        queues = [settings.queue_generate, settings.queue_refine, settings.queue_pairs]
+        queues = model_queues(settings)
         with console.status(f"starting a worker with {settings.model_preset} + {settings.teacher_preset}"):
             stack.start_worker("worker", queues)
         console.log(f"worker ready, refiner: {refiner}")
         client = Client(settings)
 
         dataset = f"s3://{settings.s3_bucket}/demo"
+        pair_ids = [f"{i:03d}" for i in range(jobs)]
         pairs = [
             client.submit_pair(
                 PROMPTS[i % len(PROMPTS)],
                 dataset=dataset,
-                pair_id=f"{i:03d}",
+                pair_id=pair_id,
                 seed=i,
                 width=SIZE,
                 height=SIZE,
                 student=settings.model_preset,
                 teacher=settings.teacher_preset,
             )
-            for i in range(jobs)
+            for i, pair_id in enumerate(pair_ids)
         ]
         pair_records = _wait_all(pairs, "pairs (student + teacher)", console)
-        made = [r for r in pair_records if r.result]
-        refined = [client.submit_refine(input_uri=r.result.files["student"]) for r in made]
+        made = [(pair_id, r.result) for pair_id, r in zip(pair_ids, pair_records, strict=True) if r.result is not None]
+        refined = [client.submit_refine(input_uri=result.files["student"]) for _, result in made]
         refine_records = _wait_all(refined, "refine-only (each student)", console)
         generated = [
             client.submit_generate(PROMPTS[i % len(PROMPTS)], seed=i, width=SIZE, height=SIZE, keep_raw=True)
@@ -87,11 +89,11 @@ def run_demo(*, jobs: int, out: Path, refiner: str, console: Console) -> None:
 
         rows = [
             {
-                "pair_id": pair.spec.pair_id,
-                **{role: _image(client, pair.result.files[role]) for role in ("student", "teacher")},
+                "pair_id": pair_id,
+                **{role: _image(client, result.files[role]) for role in ("student", "teacher")},
                 "refined": _image(client, job.result.uri),
             }
-            for pair, job in zip(made, refine_records, strict=True)
+            for (pair_id, result), job in zip(made, refine_records, strict=True)
             if job.result
         ]
         scores = _scores(rows)
@@ -184,7 +186,7 @@ def _table(records: list[JobRecord]) -> Table:
         cells = [t.get(k) for k in ("queue_wait", "generate", "refine", "upload", "total")]
         table.add_row(
             r.job_id[:8],
-            r.kind.value,
+            r.kind,
             r.state.value,
             str(r.seed if r.seed is not None else "-"),
             *("-" if v is None else f"{v:.0f}" for v in cells),

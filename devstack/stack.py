@@ -21,6 +21,7 @@ import redis
 
 from shared.objects import ObjectStore
 from shared.records import RecordStore
+from shared.routing import default_queues
 from shared.settings import Settings
 
 TEST_CALLBACK_SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -151,7 +152,7 @@ class LocalStack:
         and return once it announced itself ready. Callbacks run as in production, in a
         worker of their own (``start_worker(name, ["callbacks"])``), unless ``callbacks``
         starts one beside this worker, as a lone ``refinery worker`` does."""
-        queues = queues or [self.settings.queue_generate, self.settings.queue_refine]
+        queues = queues or default_queues(self.settings)
         hostname = f"{name}@localstack"
         argv = [sys.executable, "-m", "cli", "worker", f"--queues={','.join(queues)}", f"--name={hostname}"]
         argv.append("--callbacks" if callbacks else "--no-callbacks")

@@ -52,5 +52,5 @@ USER 10001:10001
 
 # Prometheus metrics (REFINERY_METRICS_PORT).
 EXPOSE 9808
+# No CMD: without --queues the worker serves the default queues (the kinds served by default).
 ENTRYPOINT ["refinery", "worker"]
-CMD ["--queues", "generate,refine"]

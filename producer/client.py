@@ -26,21 +26,13 @@ from redis.sentinel import MasterNotFoundError
 
 from shared.broker import make_celery, queue_depth
 from shared.callbacks import check_callback_url
-from shared.contract import (
-    GenerateSpec,
-    JobRecord,
-    JobState,
-    PairSpec,
-    RefineSpec,
-    build_spec,
-    parse_s3_uri,
-)
+from shared.contract import GenerateSpec, JobRecord, JobSpec, JobState, PairSpec, RefineSpec, build_spec, parse_s3_uri
 from shared.errors import BrokerUnavailable, InvalidImage, InvalidInput, QueueFull
 from shared.images import decode_image
 from shared.objects import ObjectStore
 from shared.presets import get_preset
 from shared.records import RecordStore
-from shared.routing import ROUTES, send_callback, send_job
+from shared.routing import send_callback, send_job
 from shared.settings import Settings, get_settings
 
 
@@ -72,14 +64,13 @@ class Client:
     def storage(self) -> ObjectStore:
         return ObjectStore(self.settings)
 
-    def submit_generate(self, prompt: str, **fields: Any) -> JobHandle:
+    def submit_generate(self, prompt: str, *, tenant: str | None = None, **fields: Any) -> JobHandle:
         """Queue a generate-and-refine job; see ``shared.contract.GenerateSpec`` for the fields."""
         spec = build_spec(GenerateSpec, prompt=prompt, **fields)
         get_preset(self.settings.model_preset).check_size(spec.width, spec.height)
         # Drawn here, not in the worker, so a redelivered job makes the same image.
         seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
-        self._check(spec)
-        return self._submit(spec, seed=seed)
+        return self.submit(spec, seed=seed, tenant=tenant)
 
     def submit_pair(self, prompt: str, *, dataset: str, pair_id: str, **fields: Any) -> JobHandle:
         """Queue one dataset pair (see ``shared.contract.PairSpec``); resubmitting the same pair
@@ -94,10 +85,11 @@ class Client:
             **fields,
         )
         get_preset(spec.student).check_size(spec.width, spec.height)
-        self._check(spec)
-        return self._submit(spec, seed=spec.seed)
+        return self.submit(spec, seed=spec.seed)
 
-    def submit_refine(self, *, input_uri: str | None = None, image: bytes | None = None, **fields: Any) -> JobHandle:
+    def submit_refine(
+        self, *, input_uri: str | None = None, image: bytes | None = None, tenant: str | None = None, **fields: Any
+    ) -> JobHandle:
         """Queue a refine-only job for an S3 object or for image bytes sent inline."""
         if (input_uri is None) == (image is None):
             raise InvalidImage("give exactly one of input_uri or image", field="input")
@@ -119,19 +111,26 @@ class Client:
         self._check(spec)
         if image is not None:
             self.storage.put(spec.input_uri, image, "application/octet-stream")
-        return self._submit(spec, job_id=job_id)
+        return self._submit(spec, job_id=job_id, tenant=tenant)
 
-    def _check(self, spec: GenerateSpec | RefineSpec | PairSpec) -> None:
+    def submit(self, spec: JobSpec, *, seed: int | None = None, tenant: str | None = None) -> JobHandle:
+        """Queue a job of any declared kind from its validated spec (``submit_generate`` and
+        the others build theirs and check what only they know first)."""
+        self._check(spec)
+        return self._submit(spec, seed=seed, tenant=tenant)
+
+    def _check(self, spec: JobSpec) -> None:
         """The checks that need the outside world (DNS, queue depth): once per submit,
         before anything is written."""
         if spec.callback_url:
             check_callback_url(spec.callback_url, self.settings.callback_allowlist)
-        self._admit(ROUTES[spec.kind].queue(self.settings))
+        self._admit(self.settings.queue(spec.kind))
 
     def _submit(
-        self, spec: GenerateSpec | RefineSpec | PairSpec, *, seed: int | None = None, job_id: str | None = None
+        self, spec: JobSpec, *, seed: int | None = None, job_id: str | None = None, tenant: str | None = None
     ) -> JobHandle:
-        record = JobRecord(job_id=job_id or uuid.uuid4().hex, kind=spec.kind, spec=spec, seed=seed)
+        # tenant: who submitted it through the gateway (producer/gateway), recorded on the job.
+        record = JobRecord(job_id=job_id or uuid.uuid4().hex, kind=spec.kind, spec=spec, seed=seed, tenant=tenant)
         with _broker():
             record, created = self.store.create(record, spec.idempotency_key)
             # A never-started job found by its idempotency key may be one whose submit

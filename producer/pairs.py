@@ -174,7 +174,7 @@ def status(client: Client, target: Target) -> dict[str, object]:
     counts: dict[str, object] = {
         "dataset": target.dataset,
         "written": len(written_pairs(client, target.dataset)),
-        "queued": queue_depth(client.store.redis, client.settings.queue_pairs),
+        "queued": queue_depth(client.store.redis, client.settings.queue("pair")),
     }
     if target.mirror is not None:
         counts["local"] = str(target.mirror)

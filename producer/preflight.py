@@ -27,7 +27,7 @@ from shared.broker import queue_depth, queue_lists
 from shared.contract import JobRecord, JobState
 from shared.objects import ObjectStore
 from shared.redis_client import is_sentinel, min_replicas_ack, sentinel_topology
-from shared.routing import model_queues
+from shared.routing import default_queues, model_queues
 from shared.settings import Settings
 
 Status = Literal["ok", "warn", "fail"]
@@ -58,8 +58,9 @@ def as_json(checks: list[Check]) -> str:
 
 
 def required_queues(settings: Settings) -> list[str]:
-    """What a serving deployment needs a worker on; the pairs queue only for datasets."""
-    return [settings.queue_generate, settings.queue_refine, settings.queue_callbacks]
+    """What a serving deployment needs a worker on: the default queues (the pairs queue is
+    only for datasets) and the callbacks queue."""
+    return [*default_queues(settings), settings.queue_callbacks]
 
 
 def run(client: Client, required: list[str]) -> list[Check]:

@@ -130,14 +130,15 @@ class PairDataset(Dataset):
                 f"{'of ' + self.pair_ids[partner] + ' ' if self.unpaired else ''}is {tuple(teacher.shape[1:])}"
             )
         if self.resolution is not None:
-            student, teacher = self._crop(student, teacher, rng, self.pair_ids[index])
+            student, teacher = self._crop(student, teacher, self.resolution, rng, self.pair_ids[index])
         item = {"student": student, "teacher": teacher, "pair_id": self.pair_ids[index]}
         if self.unpaired:
             item["teacher_pair_id"] = self.pair_ids[partner]
         return item
 
-    def _crop(self, student: torch.Tensor, teacher: torch.Tensor, rng: random.Random, pair_id: str):
-        size = self.resolution
+    def _crop(
+        self, student: torch.Tensor, teacher: torch.Tensor, size: int, rng: random.Random, pair_id: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = student.shape[-2:]
         if height < size or width < size:
             raise ValueError(f"pair {pair_id}: image {height}x{width} is smaller than resolution {size}")
@@ -190,7 +191,8 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
         self.start_step = start_step
         self.num_replicas = num_replicas
         self.rank = rank
-        self._epoch, self._order = -1, []
+        self._epoch = -1
+        self._order: list[int] = []
 
     def _index_at(self, position: int) -> int:
         epoch, offset = divmod(position, self.num_items)

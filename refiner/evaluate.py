@@ -181,7 +181,7 @@ def evaluate(
     *,
     split: str = "val",
     batch_size: int = 16,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     inception_weights: Path | None = None,
     limit: int | None = None,
     val_fraction: float | None = None,
@@ -231,12 +231,10 @@ def evaluate(
     spectra = {name: np.zeros(len(FREQUENCIES)) for name in SETS}
     features: dict[str, list[torch.Tensor]] = defaultdict(list)
     samples: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    refiner_ms = None
+    refiner_ms = time_refiner(model, next(batched_pairs(dataset, count, batch_size))["student"])  # the first batch
     with torch.inference_mode(), tqdm(total=count, desc="eval", unit="pair", dynamic_ncols=True) as progress:
         for batch in batched_pairs(dataset, count, batch_size):
             student, teacher = batch["student"], batch["teacher"]  # (B, 3, H, W) on the CPU
-            if refiner_ms is None:
-                refiner_ms = time_refiner(model, student)
             images = {"student": student, "refined": quantize(model(student)), "teacher": teacher}
             for name in ("student", "refined"):
                 for key, values in paired_scores(images[name], teacher).items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ class LPIPSAlex(nn.Module):
     linear heads `lin{0..4}.model.1.weight` (its `weights/v0.1/alex.pth`). The backbone is
     rebuilt with torchvision's layer names. The network is frozen.
     """
+
+    shift: torch.Tensor  # buffers: ImageNet input normalisation, lpips's ScalingLayer
+    scale: torch.Tensor
 
     def __init__(self, weights: str | Path | Sequence[str | Path]) -> None:
         super().__init__()
@@ -75,7 +79,7 @@ class LPIPSAlex(nn.Module):
         """LPIPS distance per image, `(B,)`, for images in [0, 1]."""
         h = torch.cat([x, y]) * 2 - 1
         h = (h - self.shift) / self.scale
-        total = 0
+        total = torch.zeros(())  # a 0-dim zero takes the distances' dtype and device, as 0 would
         for i, layer in enumerate(self.features):
             h = layer(h)
             if i in self.taps:
@@ -120,7 +124,7 @@ class RandomConvFeatures(nn.Module):
             conv = nn.Conv2d(fan_in, width, 3, stride=2, padding=1)
             with torch.no_grad():  # drawn from our generator, not the global one: same net every run
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * math.sqrt(2 / (9 * fan_in)))
-                conv.bias.zero_()
+                conv.get_parameter("bias").zero_()
             self.convs.append(conv)
             fan_in = width
         self.num_features = sum(channels)
@@ -194,10 +198,18 @@ class _MixedB(nn.Module):  # 35 x 35 -> 17 x 17
         )
 
 
+class _Factorised(TypedDict):
+    """A 1x7 or 7x1 `_ConvBN`'s kernel and padding."""
+
+    kernel: tuple[int, int]
+    padding: tuple[int, int]
+
+
 class _MixedC(nn.Module):  # 17 x 17, factorised 7x7 convolutions
     def __init__(self, cin: int, c7: int) -> None:
         super().__init__()
-        row, col = {"kernel": (1, 7), "padding": (0, 3)}, {"kernel": (7, 1), "padding": (3, 0)}
+        row = _Factorised(kernel=(1, 7), padding=(0, 3))
+        col = _Factorised(kernel=(7, 1), padding=(3, 0))
         self.branch1x1 = _ConvBN(cin, 192, 1)
         self.branch7x7_1, self.branch7x7_2 = _ConvBN(cin, c7, 1), _ConvBN(c7, c7, **row)
         self.branch7x7_3 = _ConvBN(c7, 192, **col)

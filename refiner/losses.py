@@ -173,16 +173,18 @@ class PairedLoss(nn.Module):
             raise ValueError(f"gradient_against must be one of {GRADIENT_REFERENCES}, got {gradient_against!r}")
         if perceptual not in PERCEPTUAL_LOSSES:
             raise ValueError(f"perceptual must be one of {PERCEPTUAL_LOSSES}, got {perceptual!r}")
-        if perceptual == "lpips" and lpips_weights is None:
-            raise ValueError(
-                "perceptual='lpips' needs lpips_weights (a local weights file); use perceptual='ms_ssim' without one"
-            )
         self.gradient_weight = gradient_weight
         self.gradient_against = gradient_against
         self.perceptual = perceptual
         self.perceptual_weight = perceptual_weight
         self.l1_weight = l1_weight
-        self.lpips = LPIPSAlex(lpips_weights) if perceptual == "lpips" else None
+        self.lpips: LPIPSAlex | None = None
+        if perceptual == "lpips":
+            if lpips_weights is None:
+                raise ValueError(
+                    "perceptual='lpips' needs lpips_weights (a local weights file); use perceptual='ms_ssim' without one"
+                )
+            self.lpips = LPIPSAlex(lpips_weights)
 
     def forward(
         self, output: torch.Tensor, target: torch.Tensor, source: torch.Tensor | None = None
@@ -197,7 +199,7 @@ class PairedLoss(nn.Module):
         parts = {"gradient": gradient_loss(output, reference), "l1": F.l1_loss(output, target)}
         if self.perceptual == "ms_ssim":
             parts["ms_ssim"] = 1 - ms_ssim(output, target).mean()
-        elif self.perceptual == "lpips":
+        elif self.lpips is not None:
             parts["lpips"] = self.lpips(output, target).mean()
         total = self.gradient_weight * parts["gradient"] + self.l1_weight * parts["l1"]
         if self.perceptual != "none":
@@ -247,7 +249,7 @@ def generator_loss(
     total = weights.gan * gan + weights.cycle * cycle
     parts = {"gan": gan.detach(), "cycle": cycle.detach()}
     # 3. Identity: a generator given an image already in its target domain leaves it alone.
-    if out.identity_teacher is not None:
+    if out.identity_teacher is not None and out.identity_student is not None:
         identity = identity_loss(out.identity_teacher, teacher) + identity_loss(out.identity_student, student)
         total = total + weights.identity * identity
         parts["identity"] = identity.detach()

@@ -45,7 +45,10 @@ def paired_scores(images: torch.Tensor, targets: torch.Tensor) -> dict[str, torc
     """Per-image `l1`, `psnr` (dB) and `ssim` (Gaussian 11x11, sigma 1.5) against `targets`; each `(B,)`."""
     diff = images.double() - targets.double()
     mse = diff.square().mean(dim=(1, 2, 3)).clamp(min=MIN_MSE)
-    ssim = structural_similarity_index_measure(images, targets, data_range=1.0, reduction="none")
+    # torchmetrics annotates one return type for all its flags: a tuple only with return_full_image.
+    ssim: torch.Tensor = structural_similarity_index_measure(  # type: ignore[assignment]
+        images, targets, data_range=1.0, reduction="none"
+    )
     return {"l1": diff.abs().mean(dim=(1, 2, 3)), "psnr": -10 * torch.log10(mse), "ssim": ssim.double()}
 
 

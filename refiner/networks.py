@@ -181,7 +181,7 @@ class RefinerUNet(ModelMixin, ConfigMixin):
         # Zero-init: delta starts at 0, so an untrained refiner is exactly the identity and
         # training starts from "change nothing" rather than from noise.
         nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        nn.init.zeros_(self.conv_out.get_parameter("bias"))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         r"""

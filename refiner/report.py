@@ -80,7 +80,7 @@ def sample_grid(
     for pair_id, *images in samples:
         strip = to_pil(torch.cat(images, dim=-1))  # one image per column, side by side
         scale = max(1, math.ceil(128 / strip.height))
-        rows.append((pair_id, strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST)))
+        rows.append((pair_id, strip.resize((strip.width * scale, strip.height * scale), Image.Resampling.NEAREST)))
     above = line if labels else 0  # room for each row's labels
     size = (caption + max(row.width for _, row in rows), header + sum(above + row.height for _, row in rows))
     canvas = Image.new("RGB", size, "white")

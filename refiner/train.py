@@ -1,12 +1,15 @@
 """Train a refiner on student/teacher pairs: paired (`unet-cbam`) or unpaired (`cyclegan`,
-`esa-cyclegan`). One loop, top to bottom, in the manner of nanoGPT's train.py.
+`esa-cyclegan`). One loop, top to bottom, in the manner of nanoGPT's train.py; what the
+modes do differently is in `refiner.modes`, one class each.
 
-    refinery train --data DIR --arch unet-cbam --out runs/r1 [--steps 2000 --batch-size 16 ...]
-    accelerate launch -m refiner.train --data DIR --out runs/r1 --mixed-precision bf16   # GPUs
+    refinery train --data s3://...|DIR --arch unet-cbam --out runs/r1 [--steps 2000 --batch-size 16 ...]
+    accelerate launch --multi_gpu --num_processes 4 -m cli train --data s3://...|DIR --out runs/r1 \
+        --mixed-precision bf16
 
 Built on `accelerate`: on a CPU it just runs; under `accelerate launch` every process trains
 on its own slice of each batch (DDP) and the main process validates, writes and exports.
-`batch_size` is per process. The options, one per `TrainConfig` field, are `refiner.options`.
+`batch_size` is per process. The options, one per `TrainConfig` field, are `refiner.options`;
+`refinery train` (`cli.training`) mirrors an s3:// dataset, then calls `main` here.
 
 The run directory tells its own story:
 
@@ -36,25 +39,17 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from refiner.baseline import apply_affine, fit_affine
 from refiner.data import PairDataset, ResumableBatchSampler, batched_pairs, collate_pairs
 from refiner.export import export_refiner, read_card
-from refiner.losses import (
-    CycleLossWeights,
-    PairedLoss,
-    discriminator_loss,
-    generator_loss,
-    lsgan_loss,
-    patch_discriminator_loss,
-)
-from refiner.networks import PatchDiscriminator, RefinerUNet, build_cyclegan, count_parameters
-from refiner.options import TrainConfig, config_from_args
+from refiner.modes import MODES, TrainingMode
+from refiner.networks import RefinerUNet
+from refiner.options import ResolvedConfig, TrainConfig, config_from_args
 from refiner.report import sample_grid
 
 logger = logging.getLogger(__name__)
@@ -64,14 +59,11 @@ METRICS = "metrics.csv"
 EXPORT = "refiner"
 VAL_COLUMNS = ("val_l1_student", "val_l1_affine", "val_l1_refined")
 
-Networks = dict[str, nn.Module]
-Optimizers = dict[str, torch.optim.Optimizer]
-
 
 # --- helpers ---------------------------------------------------------------------------
 
 
-def get_lr(step: int, config: TrainConfig) -> float:
+def get_lr(step: int, config: ResolvedConfig) -> float:
     """Linear warmup, then cosine decay to `min_lr_ratio * lr` at `lr_decay_steps` (nanoGPT)."""
     if config.lr_schedule == "constant":
         return config.lr
@@ -84,7 +76,7 @@ def get_lr(step: int, config: TrainConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - min_lr)
 
 
-def due(every: int, step: int, config: TrainConfig, stopping: bool) -> bool:
+def due(every: int, step: int, config: ResolvedConfig, stopping: bool) -> bool:
     """Whether a periodic task (validation, samples, checkpoint) runs after `step`: every
     `every` steps (0: never), and always after the last one."""
     return stopping or step == config.steps or (every > 0 and step % every == 0)
@@ -99,7 +91,7 @@ def _l1_per_pair(images: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def validation_l1(
     network: RefinerUNet,
     dataset: PairDataset,
-    config: TrainConfig,
+    config: ResolvedConfig,
     accelerator: Accelerator,
     affine: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
@@ -126,12 +118,12 @@ def validation_l1(
 
 @torch.no_grad()
 def save_sample_grid(
-    network: RefinerUNet, dataset: PairDataset, config: TrainConfig, accelerator: Accelerator, path: Path
+    network: RefinerUNet, dataset: PairDataset, config: ResolvedConfig, accelerator: Accelerator, path: Path
 ) -> None:
     """The first val pairs, one per row: student | refined | teacher, as evaluation draws them."""
     was_training = network.training
     network.eval()
-    samples = []
+    samples: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for batch in batched_pairs(dataset, config.sample_pairs, config.batch_size):
         student = batch["student"].to(accelerator.device)
         with accelerator.autocast():
@@ -141,7 +133,7 @@ def save_sample_grid(
     sample_grid(path, samples)
 
 
-def data_card(config: TrainConfig, train_set: PairDataset, val_set: PairDataset) -> dict[str, Any]:
+def data_card(config: ResolvedConfig, train_set: PairDataset, val_set: PairDataset) -> dict[str, Any]:
     """What the exported card records about the data the refiner was trained and chosen on."""
     return {
         "root": config.data,
@@ -155,78 +147,26 @@ def data_card(config: TrainConfig, train_set: PairDataset, val_set: PairDataset)
     }
 
 
-def _jsonable(config: TrainConfig) -> dict[str, Any]:
+def _jsonable(config: ResolvedConfig) -> dict[str, Any]:
     values = asdict(config)
     values["channel_mults"] = list(values["channel_mults"])
     return values
 
 
-# --- networks and checkpoints ----------------------------------------------------------
+# --- checkpoints -----------------------------------------------------------------------
 
 
-def build_networks(config: TrainConfig, accelerator: Accelerator) -> tuple[Networks, Optimizers]:
-    """The run's networks and their optimizers by name, prepared by `accelerator`: `refiner`
-    (and `discriminator` with an adversarial term) for `unet-cbam`, else `generators` and
-    `discriminators`. The student -> teacher refiner is fresh, or `config.init`'s weights."""
-    if config.init:
-        refiner = RefinerUNet.from_pretrained(config.init, use_safetensors=True, local_files_only=True)
-    else:
-        refiner = RefinerUNet(
-            base_channels=config.base_channels,
-            channel_mults=config.channel_mults,
-            blocks_per_level=config.blocks_per_level,
-        )
-    if config.arch == "unet-cbam":
-        networks: Networks = {"refiner": refiner}
-        optimizers: Optimizers = {
-            "refiner": torch.optim.AdamW(
-                refiner.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay
-            )
-        }
-        if config.adversarial_weight > 0:
-            networks["discriminator"] = PatchDiscriminator(config.disc_channels)
-            optimizers["discriminator"] = torch.optim.Adam(
-                networks["discriminator"].parameters(), lr=config.lr, betas=(0.5, 0.999)
-            )
-    else:
-        generators, discriminators = build_cyclegan(config.arch, refiner, config.disc_channels)
-        networks = {"generators": generators, "discriminators": discriminators}
-        optimizers = {
-            name: torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.5, 0.999), weight_decay=config.weight_decay)
-            for name, net in networks.items()
-        }
-    for name in networks:
-        networks[name], optimizers[name] = accelerator.prepare(networks[name], optimizers[name])
-    return networks, optimizers
-
-
-def export_network(networks: Networks, accelerator: Accelerator) -> RefinerUNet:
-    """The student -> teacher network: the paired refiner, or the CycleGAN's `g_st`."""
-    if "refiner" in networks:
-        return accelerator.unwrap_model(networks["refiner"])
-    return accelerator.unwrap_model(networks["generators"]).g_st
-
-
-def _candidate(step: int, val_l1: float, networks: Networks, accelerator: Accelerator) -> dict[str, Any]:
+def _candidate(step: int, val_l1: float, mode: TrainingMode) -> dict[str, Any]:
     """The weights to export, should nothing better come: `{step, val_l1, model}`."""
-    return {"step": step, "val_l1": val_l1, "model": copy.deepcopy(export_network(networks, accelerator).state_dict())}
+    return {"step": step, "val_l1": val_l1, "model": copy.deepcopy(mode.refiner.state_dict())}
 
 
-def save_checkpoint(
-    path: Path,
-    networks: Networks,
-    optimizers: Optimizers,
-    accelerator: Accelerator,
-    config: TrainConfig,
-    step: int,
-    best: dict[str, Any],
-    elapsed: float,
-) -> None:
+def save_checkpoint(path: Path, mode: TrainingMode, step: int, best: dict[str, Any], elapsed: float) -> None:
     checkpoint = {
-        "model": {name: accelerator.unwrap_model(net).state_dict() for name, net in networks.items()},
-        "optimizer": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "model": {name: mode.accelerator.unwrap_model(net).state_dict() for name, net in mode.networks.items()},
+        "optimizer": {name: opt.state_dict() for name, opt in mode.optimizers.items()},
         "step": step,
-        "config": _jsonable(config),
+        "config": _jsonable(mode.config),
         "best": best,
         "elapsed_s": elapsed,
     }
@@ -235,11 +175,10 @@ def save_checkpoint(
     tmp.replace(path)  # a crash mid-write never leaves half a checkpoint
 
 
-def load_checkpoint(
-    path: Path, networks: Networks, optimizers: Optimizers, accelerator: Accelerator, config: TrainConfig
-) -> tuple[int, float, dict[str, Any]]:
+def load_checkpoint(path: Path, mode: TrainingMode) -> tuple[int, float, dict[str, Any]]:
     """Restore weights and optimizer moments; returns the step, elapsed seconds and best-so-far.
-    Call it after `prepare`, so the optimizer's moments land on the device of its parameters."""
+    The mode's networks are prepared, so the optimizer's moments land on their device."""
+    config = mode.config
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if checkpoint["config"]["arch"] != config.arch:
         raise ValueError(f"{path} is a {checkpoint['config']['arch']} run, not {config.arch}")
@@ -251,9 +190,9 @@ def load_checkpoint(
     }
     if changed:
         logger.warning("resuming with changed settings (checkpoint, now): %s", changed)
-    for name, net in networks.items():
-        accelerator.unwrap_model(net).load_state_dict(checkpoint["model"][name])
-    for name, optimizer in optimizers.items():
+    for name, net in mode.networks.items():
+        mode.accelerator.unwrap_model(net).load_state_dict(checkpoint["model"][name])
+    for name, optimizer in mode.optimizers.items():
         optimizer.load_state_dict(checkpoint["optimizer"][name])
     return checkpoint["step"], checkpoint["elapsed_s"], checkpoint["best"]
 
@@ -261,110 +200,24 @@ def load_checkpoint(
 # --- the run directory -----------------------------------------------------------------
 
 
-def metric_columns(config: TrainConfig) -> list[str]:
-    """`metrics.csv`'s columns: what `paired_step` or `cycle_step` logs, then validation."""
-    columns = ["step", "lr", "loss"]
-    if config.arch == "unet-cbam":
-        columns += ["l1", "gradient", config.perceptual, "grad_norm"]
-        columns += ["adversarial", "d_loss"] if config.adversarial_weight > 0 else []
-    else:
-        columns += ["gan", "cycle", "identity", "d_loss"]
-    return [c for c in columns if c != "none"] + [*VAL_COLUMNS, "elapsed_s"]
-
-
 def open_metrics(path: Path, columns: list[str], step: int) -> tuple[IO[str], csv.DictWriter]:
-    """`metrics.csv` for appending: new for a new run; on resume, cut back to the checkpoint's
-    step (later rows will be trained again)."""
+    """`metrics.csv` for appending, line-buffered so each row is on disk once written: new for
+    a new run; on resume, cut back to the checkpoint's step (later rows will be trained again)."""
     if step and path.is_file():
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
-            fieldnames, rows = reader.fieldnames, [row for row in reader if int(row["step"]) <= step]
+            rows = [row for row in reader if int(row["step"]) <= step]
         with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer = csv.DictWriter(f, fieldnames=reader.fieldnames or columns)
             writer.writeheader()
             writer.writerows(rows)
     elif not step:
         path.unlink(missing_ok=True)
-    file = path.open("a", newline="")
+    file = path.open("a", newline="", buffering=1)
     metrics = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
     if file.tell() == 0:
         metrics.writeheader()
     return file, metrics
-
-
-# --- one optimisation step -------------------------------------------------------------
-
-
-def paired_step(
-    networks: Networks,
-    optimizers: Optimizers,
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    loss_fn: PairedLoss,
-    config: TrainConfig,
-    accelerator: Accelerator,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Refine the student towards its own teacher; with a discriminator, also against blur."""
-    refiner, discriminator = networks["refiner"], networks.get("discriminator")
-    # 1. The paired loss of the refined student against its teacher (the gradient term against
-    #    the student itself with gradient_against="input"), (B, 3, h, w) each.
-    with accelerator.autocast():
-        refined = refiner(student)
-    loss, parts = loss_fn(refined, teacher, student)
-    # 2. Adversarial (pix2pix): the refined image should pass for a teacher's.
-    if discriminator is not None:
-        with accelerator.autocast():
-            adversarial = lsgan_loss(discriminator(refined), real=True)
-        loss = loss + config.adversarial_weight * adversarial
-        parts["adversarial"] = adversarial.detach()
-    # 3. Update the refiner.
-    optimizers["refiner"].zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    if config.grad_clip > 0:
-        parts["grad_norm"] = accelerator.clip_grad_norm_(refiner.parameters(), config.grad_clip)
-    optimizers["refiner"].step()
-    # 4. Update the discriminator: teacher images real, refined ones fake.
-    if discriminator is not None:
-        with accelerator.autocast():
-            d_loss = patch_discriminator_loss(discriminator, refined, teacher)
-        optimizers["discriminator"].zero_grad(set_to_none=True)
-        accelerator.backward(d_loss)
-        optimizers["discriminator"].step()
-        parts["d_loss"] = d_loss.detach()
-    return loss, {name: float(value) for name, value in parts.items()}
-
-
-def cycle_step(
-    networks: Networks,
-    optimizers: Optimizers,
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    config: TrainConfig,
-    accelerator: Accelerator,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """One CycleGAN step; `teacher` belongs to another pair than `student`."""
-    generators, discriminators = networks["generators"], networks["discriminators"]
-    weights = CycleLossWeights(config.gan_weight, config.cycle_weight, config.identity_weight)
-    # 1. Generators: fool the discriminators, close both cycles, keep identities.
-    with accelerator.autocast():
-        outputs = generators(student, teacher, identity=config.identity_weight > 0)
-        loss, parts = generator_loss(outputs, discriminators, student, teacher, weights)
-    optimizers["generators"].zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    if config.grad_clip > 0:
-        accelerator.clip_grad_norm_(generators.parameters(), config.grad_clip)
-    optimizers["generators"].step()
-    # 2. Discriminators, on real images and the (detached) fakes. Their grads from the
-    #    generator loss above are dropped here.
-    with accelerator.autocast():
-        d_loss = discriminator_loss(outputs, discriminators, student, teacher)
-    optimizers["discriminators"].zero_grad(set_to_none=True)
-    accelerator.backward(d_loss)
-    if config.grad_clip > 0:
-        accelerator.clip_grad_norm_(discriminators.parameters(), config.grad_clip)
-    optimizers["discriminators"].step()
-    parts["d_loss"] = d_loss.detach()
-    return loss, {name: float(value) for name, value in parts.items()}
 
 
 # --- training --------------------------------------------------------------------------
@@ -372,57 +225,49 @@ def cycle_step(
 
 def train(config: TrainConfig) -> Path:
     """Train, validate, checkpoint and export; returns the exported refiner's directory."""
-    config = config.resolved()
-    out = Path(config.out)
-    paired = config.arch == "unet-cbam"
+    run = config.resolved()
+    out = Path(run.out)
+    mode_class = MODES[run.arch]
 
     # 1. Accelerator and seed: same seed, same initial weights on every process.
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = Accelerator(mixed_precision=run.mixed_precision)
     main = accelerator.is_main_process
-    set_seed(config.seed)
+    set_seed(run.seed)
     checkpoint_path = out / CHECKPOINT
-    if checkpoint_path.exists() and not config.resume:
+    if checkpoint_path.exists() and not run.resume:
         raise FileExistsError(f"{checkpoint_path} exists: pass resume to continue that run, or another out")
 
-    # 2. Data: the training split (cropped, seeded; CycleGAN's teachers from other pairs), the
+    # 2. Data: the training split (cropped, seeded; unpaired, teachers from other pairs), the
     #    val split at full resolution, and the affine baseline fitted on uncropped training pairs.
     train_set = PairDataset(
-        config.data, "train", config.resolution, config.val_fraction, seed=config.seed, unpaired=not paired
+        run.data, "train", run.resolution, run.val_fraction, seed=run.seed, unpaired=mode_class.unpaired
     )
-    val_set = PairDataset(config.data, "val", None, config.val_fraction)
+    val_set = PairDataset(run.data, "val", None, run.val_fraction)
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError(
-            f"{config.data}: {len(train_set)} training and {len(val_set)} validation pairs at "
-            f"val_fraction={config.val_fraction}; both splits need at least one pair"
+            f"{run.data}: {len(train_set)} training and {len(val_set)} validation pairs at "
+            f"val_fraction={run.val_fraction}; both splits need at least one pair"
         )
-    affine = fit_affine(PairDataset(config.data, "train", None, config.val_fraction), config.affine_fit_pairs)
+    affine = fit_affine(PairDataset(run.data, "train", None, run.val_fraction), run.affine_fit_pairs)
 
-    # 3. Networks and optimizers; the paired loss (the CycleGAN losses hold no state).
-    networks, optimizers = build_networks(config, accelerator)
-    loss_fn = None
-    if paired:
-        loss_fn = PairedLoss(
-            gradient_weight=config.gradient_weight,
-            perceptual=config.perceptual,
-            perceptual_weight=config.perceptual_weight,
-            l1_weight=config.l1_weight,
-            lpips_weights=config.lpips_weights,
-            gradient_against=config.gradient_against,
-        ).to(accelerator.device)
+    # 3. The mode: its networks and optimizers, prepared, and its losses.
+    mode = mode_class(run, accelerator)
 
-    # 4. Resume: weights, optimizer moments, step, best-so-far and elapsed time.
-    step, elapsed_before, best = 0, 0.0, None
-    if config.resume and checkpoint_path.exists():
-        step, elapsed_before, best = load_checkpoint(checkpoint_path, networks, optimizers, accelerator, config)
+    # 4. Resume: weights, optimizer moments, step, best-so-far and elapsed time. The best-so-far
+    #    is the main process's: the others never validate, and keep it empty.
+    step, elapsed_before = 0, 0.0
+    best: dict[str, Any] = {}
+    if run.resume and checkpoint_path.exists():
+        step, elapsed_before, best = load_checkpoint(checkpoint_path, mode)
         logger.info("resumed %s at step %d", checkpoint_path, step)
-    elif config.resume:
+    elif run.resume:
         logger.info("no checkpoint at %s: starting a new run", checkpoint_path)
 
     # 5. The batch stream, from `step` on: the same batches a straight run would have seen.
     sampler = ResumableBatchSampler(
         len(train_set),
-        config.batch_size,
-        config.seed,
+        run.batch_size,
+        run.seed,
         start_step=step,
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
@@ -431,7 +276,7 @@ def train(config: TrainConfig) -> Path:
         train_set,
         batch_sampler=sampler,
         collate_fn=collate_pairs,
-        num_workers=config.num_workers,
+        num_workers=run.num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
     batches = iter(loader)
@@ -442,12 +287,13 @@ def train(config: TrainConfig) -> Path:
     metrics_file, metrics = None, None
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_jsonable(config), indent=2))
-        metrics_file, metrics = open_metrics(out / METRICS, metric_columns(config), step)
-        scores = validation_l1(export_network(networks, accelerator), val_set, config, accelerator, affine)
+        (out / "config.json").write_text(json.dumps(_jsonable(run), indent=2))
+        columns = ["step", "lr", "loss", *mode.columns, *VAL_COLUMNS, "elapsed_s"]
+        metrics_file, metrics = open_metrics(out / METRICS, columns, step)
+        scores = validation_l1(mode.refiner, val_set, run, accelerator, affine)
         baselines = {k: scores[k] for k in ("val_l1_student", "val_l1_affine")}
-        if best is None:
-            best = _candidate(0, scores["val_l1_refined"], networks, accelerator)
+        if not best:
+            best = _candidate(0, scores["val_l1_refined"], mode)
             metrics.writerow({"step": 0, **scores, "elapsed_s": 0.0})
         logger.info(
             "val L1 to teacher: student %.5f, affine %.5f, start %.5f",
@@ -457,29 +303,26 @@ def train(config: TrainConfig) -> Path:
         )
 
     # 7. The training loop.
-    for net in networks.values():
+    for net in mode.networks.values():
         net.train()
     start_time = time.perf_counter()
     stopping = False  # set when the time budget is spent: the current step is the last
-    progress = tqdm(total=config.steps, initial=step, disable=not main, desc=f"train {config.arch}", dynamic_ncols=True)
+    progress = tqdm(total=run.steps, initial=step, disable=not main, desc=f"train {run.arch}", dynamic_ncols=True)
     last_val = best["val_l1"] if best else float("nan")
-    while step < config.steps:
+    while step < run.steps:
         # 7a. Learning rate for this step, the next batch, one optimisation step.
-        lr = get_lr(step, config)
-        for optimizer in optimizers.values():
+        lr = get_lr(step, run)
+        for optimizer in mode.optimizers.values():
             for group in optimizer.param_groups:
                 group["lr"] = lr
         batch = next(batches)
         student = batch["student"].to(accelerator.device, non_blocking=True)  # (B, 3, h, w)
         teacher = batch["teacher"].to(accelerator.device, non_blocking=True)
-        if paired:
-            loss, parts = paired_step(networks, optimizers, student, teacher, loss_fn, config, accelerator)
-        else:
-            loss, parts = cycle_step(networks, optimizers, student, teacher, config, accelerator)
+        loss, parts = mode.step(student, teacher)
 
         step += 1
         elapsed = elapsed_before + time.perf_counter() - start_time
-        if config.max_minutes is not None and time.perf_counter() - start_time >= 60 * config.max_minutes:
+        if run.max_minutes is not None and time.perf_counter() - start_time >= 60 * run.max_minutes:
             stopping = True
         loss_value = loss.item()
         if not math.isfinite(loss_value):
@@ -492,61 +335,48 @@ def train(config: TrainConfig) -> Path:
             **{k: f"{v:.6f}" for k, v in parts.items()},
         }
 
-        # 7b. Validation, the export candidate, samples, checkpoint: main process only.
-        if main and due(config.val_every, step, config, stopping):
-            scores = validation_l1(export_network(networks, accelerator), val_set, config, accelerator)
+        # 7b. Validation, the export candidate, samples, checkpoint, the metrics row: main
+        #     process only (the others have no metrics file).
+        if main and due(run.val_every, step, run, stopping):
+            scores = validation_l1(mode.refiner, val_set, run, accelerator)
             last_val = scores["val_l1_refined"]
             row.update({**baselines, **scores})
-            # Paired training exports its best validation L1, the score it optimises. Unpaired
-            # training optimises no paired score (and in use has no pairs to choose by), so it
-            # exports its last weights, as CycleGAN does; val L1 is only reported for it.
-            if last_val < best["val_l1"] or not paired:
-                best = _candidate(step, last_val, networks, accelerator)
-        if main and due(config.sample_every, step, config, stopping):
-            save_sample_grid(
-                export_network(networks, accelerator),
-                val_set,
-                config,
-                accelerator,
-                out / "samples" / f"step_{step:06d}.png",
-            )
-        if main and due(config.checkpoint_every, step, config, stopping):
-            save_checkpoint(checkpoint_path, networks, optimizers, accelerator, config, step, best, elapsed)
-        if main:
+            if mode.keeps(last_val, best["val_l1"]):
+                best = _candidate(step, last_val, mode)
+        if main and due(run.sample_every, step, run, stopping):
+            save_sample_grid(mode.refiner, val_set, run, accelerator, out / "samples" / f"step_{step:06d}.png")
+        if main and due(run.checkpoint_every, step, run, stopping):
+            save_checkpoint(checkpoint_path, mode, step, best, elapsed)
+        if metrics is not None:
             metrics.writerow(row)
-            metrics_file.flush()
         accelerator.wait_for_everyone()
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", val=f"{last_val:.4f}", refresh=False)
         if stopping:
-            logger.info("time budget of %s minutes spent: stopping at step %d", config.max_minutes, step)
+            logger.info("time budget of %s minutes spent: stopping at step %d", run.max_minutes, step)
             break
     progress.close()
-    if metrics_file:
+    if metrics_file is not None:
         metrics_file.close()
 
-    # 8. Export the chosen weights (best validation if paired, else the last) with their card.
+    # 8. Export the candidate the mode kept, with a card of what was trained and how it scored.
     export_dir = out / EXPORT
     if main:
-        refiner = RefinerUNet.from_config(export_network(networks, accelerator).config)
+        refiner = RefinerUNet.from_config(mode.refiner.config)
         refiner.load_state_dict(best["model"])
         export_refiner(
             export_dir,
             refiner,
-            config.arch,
+            run.arch,
             {
-                "discriminator_parameters": (
-                    None if paired else count_parameters(accelerator.unwrap_model(networks["discriminators"]))
-                ),
-                "perceptual_loss": config.perceptual if paired else None,
-                "gradient_against": config.gradient_against if paired else None,
-                "data": data_card(config, train_set, val_set),
-                "config": _jsonable(config),
+                **mode.card(),
+                "data": data_card(run, train_set, val_set),
+                "config": _jsonable(run),
                 "metrics": {
                     **baselines,
                     "val_l1_refined": best["val_l1"],
                     "best_step": best["step"],
-                    "exported": "best_val_l1" if paired else "last",
+                    "exported": mode.exports,
                     "refined_over_student": best["val_l1"] / baselines["val_l1_student"],
                     "refined_over_affine": best["val_l1"] / baselines["val_l1_affine"],
                     "last_val_l1_refined": last_val,
@@ -557,7 +387,7 @@ def train(config: TrainConfig) -> Path:
                 "wall_time_s": round(elapsed_before + time.perf_counter() - start_time, 2),
                 "device": str(accelerator.device),
                 "processes": accelerator.num_processes,
-                "mixed_precision": config.mixed_precision,
+                "mixed_precision": run.mixed_precision,
             },
         )
         logger.info(
@@ -575,15 +405,15 @@ def train(config: TrainConfig) -> Path:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     export_dir = train(config_from_args(argv))
-    card = read_card(export_dir)
-    if card:  # main process only
-        m = card["metrics"]
-        print(f"refiner: {export_dir}")
-        print(
-            f"val L1 to teacher: student {m['val_l1_student']:.5f}  affine {m['val_l1_affine']:.5f}  "
-            f"refined {m['val_l1_refined']:.5f} (step {m['best_step']}, "
-            f"{m['refined_over_student']:.3f}x student, {m['refined_over_affine']:.3f}x affine)"
-        )
+    if not PartialState().is_main_process:  # the state `train` ran under: one summary per run
+        return 0
+    m = read_card(export_dir)["metrics"]
+    print(f"refiner: {export_dir}")
+    print(
+        f"val L1 to teacher: student {m['val_l1_student']:.5f}  affine {m['val_l1_affine']:.5f}  "
+        f"refined {m['val_l1_refined']:.5f} (step {m['best_step']}, "
+        f"{m['refined_over_student']:.3f}x student, {m['refined_over_affine']:.3f}x affine)"
+    )
     return 0
 
 

@@ -14,7 +14,7 @@ import redis
 from celery import Celery
 
 from shared.redis_client import is_sentinel, retry_budget_s, sentinel_kwargs, sentinel_master
-from shared.routing import task_routes
+from shared.routing import default_queues, task_routes
 from shared.settings import Settings
 
 # Celery's Redis transport keeps one list per priority step: "<queue>" for 0 and
@@ -111,7 +111,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        task_default_queue=settings.queue_generate,
+        task_default_queue=default_queues(settings)[0],
         task_routes=task_routes(settings),
         # Events let Flower follow tasks.
         worker_send_task_events=True,

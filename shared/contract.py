@@ -1,19 +1,24 @@
-"""The job contract (v1): what a producer submits and what the job record says.
+"""The job contract (v1): what a producer submits, the job kinds, and what the record says.
 
 Specs are validated when a producer builds them, so bad input fails at submit time with
-the offending field named. The record is what Redis stores and what ``status`` returns.
+the offending field named. Each job kind is declared once (``JobKind``, ``declare``): its
+spec, queue, handler and stages; the routing table, the default queues and the metrics'
+stages are read from those declarations. The record is what Redis stores and what
+``status`` returns.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from shared import keys
 from shared.errors import InvalidInput
 from shared.presets import SMALLEST_SIZE
 
@@ -21,12 +26,9 @@ MAX_SIZE = 2048
 SIZE_MULTIPLE = 16
 MAX_SEED = 2**63 - 1
 MAX_METADATA_CHARS = 8192
-
-
-class JobKind(StrEnum):
-    generate_and_refine = "generate_and_refine"
-    refine_only = "refine_only"
-    pair = "pair"
+# Nesting levels of metadata: the record's JSON serializer gives up near 255, after the
+# job was accepted; refused here instead, with the field named.
+MAX_METADATA_DEPTH = 32
 
 
 class JobState(StrEnum):
@@ -72,9 +74,24 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return match["bucket"], key
 
 
-class _JobSpec(BaseModel):
+def _depth(value: Any) -> int:
+    """Nesting levels of a JSON value (a scalar: 0), counted without recursion."""
+    deepest, pending = 0, [(value, 0)]
+    while pending:
+        item, level = pending.pop()
+        deepest = max(deepest, level)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        pending.extend((child, level + 1) for child in children)
+    return deepest
+
+
+class JobSpec(BaseModel):
+    """What every kind's spec has. Each kind's spec pins ``kind`` to its own name, the
+    JSON ``kind`` value of the wire contract."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    kind: str
     output_format: OutputFormat = OutputFormat.png
     callback_url: str | None = Field(None, max_length=2048)
     idempotency_key: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[\w.:\-]+$")
@@ -99,11 +116,13 @@ class _JobSpec(BaseModel):
             raise ValueError(f"must be JSON-serialisable: {exc}") from None
         if size > MAX_METADATA_CHARS:
             raise ValueError(f"must serialise to at most {MAX_METADATA_CHARS} characters of JSON")
+        if _depth(metadata) > MAX_METADATA_DEPTH:
+            raise ValueError(f"must nest at most {MAX_METADATA_DEPTH} levels deep")
         return metadata
 
 
-class GenerateSpec(_JobSpec):
-    kind: Literal[JobKind.generate_and_refine] = JobKind.generate_and_refine
+class GenerateSpec(JobSpec):
+    kind: Literal["generate_and_refine"] = "generate_and_refine"
     prompt: str = Field(min_length=1, max_length=2000)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True)
     width: int = Field(1024, ge=SMALLEST_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, strict=True)
@@ -122,8 +141,8 @@ class GenerateSpec(_JobSpec):
         return prompt
 
 
-class RefineSpec(_JobSpec):
-    kind: Literal[JobKind.refine_only] = JobKind.refine_only
+class RefineSpec(JobSpec):
+    kind: Literal["refine_only"] = "refine_only"
     # Inline images are uploaded by the producer to the job's own prefix at submit time,
     # so the spec the worker sees always names an S3 object.
     input_uri: str
@@ -135,14 +154,14 @@ class RefineSpec(_JobSpec):
         return uri
 
 
-class PairSpec(_JobSpec):
+class PairSpec(JobSpec):
     """One training pair: the same prompt and seed through the student and the teacher.
 
     Written to ``<dataset>/pairs/<pair_id>/{student,teacher}.png`` and
     ``<dataset>/manifest/<pair_id>.json`` (``shared.datasets``).
     """
 
-    kind: Literal[JobKind.pair] = JobKind.pair
+    kind: Literal["pair"] = "pair"
     prompt: str = Field(min_length=1, max_length=2000)
     seed: int = Field(ge=0, le=MAX_SEED, strict=True)
     width: int = Field(1024, ge=SMALLEST_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE, strict=True)
@@ -161,10 +180,83 @@ class PairSpec(_JobSpec):
         return uri.rstrip("/")
 
 
-JobSpec = Annotated[GenerateSpec | RefineSpec | PairSpec, Field(discriminator="kind")]
+@dataclass(frozen=True)
+class JobKind:
+    """Everything that belongs to one job kind.
+
+    A kind has two names. Its wire name is its spec's ``kind`` value (``generate_and_refine``):
+    the JSON ``kind``, its Celery task (``refinery.generate_and_refine``), its metrics label
+    and its key in REFINERY_QUEUES; foreign producers rely on it, so it never changes. Its
+    short name (``generate``) names its pieces: the spec (``GenerateSpec``), the handler's
+    module (``worker/handlers/generate.py``), the default queue and ``refinery submit
+    generate``.
+    """
+
+    spec: type[JobSpec]
+    queue: str  # its queue's default name; REFINERY_QUEUES may name another
+    # "module:Class" of its handler in the worker: shared/ never imports worker code (torch).
+    handler: str
+    # The timings_ms stages its handler times, exported as refinery_stage_seconds.
+    stages: tuple[str, ...]
+    # Whether a worker started without --queues serves it (and `refinery doctor` wants one).
+    served_by_default: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.spec.model_fields["kind"].default
+
+    @property
+    def task(self) -> str:
+        return keys.task_name(self.name)
 
 
-def build_spec(model: type[_JobSpec], **fields: Any) -> Any:
+# Every declared kind by name. The three below are the product's; another module may
+# declare more (tests/fill_kind.py does) before its producer or worker starts.
+KINDS: dict[str, JobKind] = {}
+
+
+def declare(kind: JobKind) -> JobKind:
+    if kind.name in KINDS:
+        raise ValueError(f"job kind {kind.name!r} is declared twice")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def job_kind(name: str) -> JobKind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise InvalidInput(f"unknown job kind {name!r}; known kinds: {', '.join(KINDS)}", field="kind") from None
+
+
+declare(
+    JobKind(
+        GenerateSpec,
+        queue="generate",
+        handler="worker.handlers.generate:GenerateJob",
+        stages=("generate", "refine", "encode", "upload"),
+    )
+)
+declare(
+    JobKind(
+        RefineSpec,
+        queue="refine",
+        handler="worker.handlers.refine:RefineJob",
+        stages=("load_input", "refine", "encode", "upload"),
+    )
+)
+declare(
+    JobKind(
+        PairSpec,
+        queue="pairs",
+        handler="worker.handlers.pair:PairJob",
+        stages=("student", "teacher", "encode", "upload"),
+        served_by_default=False,  # dataset generation: a pool of its own, started on purpose
+    )
+)
+
+
+def build_spec(model: type[JobSpec], **fields: Any) -> Any:
     """Validate fields into a spec, turning pydantic's report into one ``InvalidInput``."""
     try:
         return model(**fields)
@@ -214,9 +306,10 @@ def utcnow() -> datetime:
 
 class JobRecord(BaseModel):
     job_id: str
-    kind: JobKind
+    kind: str  # a declared JobKind's name
     state: JobState = JobState.queued
-    spec: JobSpec
+    # Serialised as the kind's own spec, not as the base class it is declared as.
+    spec: SerializeAsAny[JobSpec]
     seed: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
     expires_at: datetime | None = None
@@ -236,6 +329,19 @@ class JobRecord(BaseModel):
     timings_ms: dict[str, float] = Field(default_factory=dict)
     error: JobError | None = None
     callback: CallbackStatus | None = None
+    # The gateway tenant that submitted it (producer/gateway); None from trusted producers.
+    tenant: str | None = None
+
+    @field_validator("spec", mode="before")
+    @classmethod
+    def _spec_of_its_kind(cls, spec: Any) -> Any:
+        """The spec's own ``kind`` picks its model (the kinds are open, so no fixed union)."""
+        if isinstance(spec, dict):
+            name = spec.get("kind")
+            if name not in KINDS:
+                raise ValueError(f"unknown job kind {name!r}")
+            return KINDS[name].spec.model_validate(spec)
+        return spec
 
     @model_validator(mode="after")
     def _kind_matches_spec(self) -> JobRecord:

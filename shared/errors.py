@@ -65,3 +65,21 @@ class BrokerUnavailable(RefineryError):
     idempotency key."""
 
     code = "broker_unavailable"
+
+
+class UnknownRefiner(InvalidInput):
+    """A refiner name, version or channel the registry does not hold."""
+
+    code = "unknown_refiner"
+
+
+class RefinerConflict(InvalidInput):
+    """Publishing other bytes under a version that exists: versions are immutable."""
+
+    code = "refiner_conflict"
+
+
+class RefinerUnavailable(RefineryError):
+    """A refiner version that failed to download, verify or load: it is never served."""
+
+    code = "refiner_unavailable"

@@ -23,7 +23,56 @@ DEAD_LETTER = f"{PREFIX}:dead-letter"  # ids of jobs that failed for reasons of 
 QUEUED = f"{PREFIX}:queued"  # ids of queued jobs, scored by when they were queued (orphan sweep)
 DEAD_LETTER_MAX = 10_000
 
-TASK_GENERATE = "refinery.generate_and_refine"
-TASK_REFINE = "refinery.refine_only"
-TASK_PAIR = "refinery.pair"
 TASK_CALLBACK = "refinery.deliver_callback"
+
+
+def task_name(kind: str) -> str:
+    """A job kind's Celery task (``refinery.generate_and_refine``): the wire contract."""
+    return f"{PREFIX}.{kind}"
+
+
+def refiner_channels_key(name: str) -> str:
+    return f"{PREFIX}:refiner:{name}"
+
+
+def refiner_tally_key(name: str, epoch: int) -> str:
+    return f"{PREFIX}:refiner:{name}:tally:{epoch}"
+
+
+# The HTTP gateway's tenants (producer/gateway): API keys, quotas and usage.
+API_KEYS = f"{PREFIX}:apikeys"  # ids of every key ever created (revoked ones stay, marked)
+TENANTS = f"{PREFIX}:tenants"  # names of every tenant that has had a key
+
+
+def api_key(key_id: str) -> str:
+    return f"{PREFIX}:apikey:{key_id}"
+
+
+def tenant_rate(tenant: str) -> str:
+    """The tenant's token bucket (rate limit)."""
+    return f"{PREFIX}:tenant:{tenant}:rate"
+
+
+def tenant_queued(tenant: str) -> str:
+    """The tenant's jobs that may still be queued."""
+    return f"{PREFIX}:tenant:{tenant}:queued"
+
+
+def tenant_reserved(tenant: str) -> str:
+    """Room held for the tenant's jobs being submitted."""
+    return f"{PREFIX}:tenant:{tenant}:reserved"
+
+
+def tenant_open(tenant: str) -> str:
+    """The tenant's jobs not yet counted in its usage (not terminal when last looked at)."""
+    return f"{PREFIX}:tenant:{tenant}:open"
+
+
+def tenant_usage(tenant: str) -> str:
+    """The tenant's usage of finished jobs: ``jobs:<kind>:<state>``, ``images:...``, ``model_ms:<kind>``."""
+    return f"{PREFIX}:tenant:{tenant}:usage"
+
+
+def tenant_counted(tenant: str, job_id: str) -> str:
+    """Present once the job's terminal state is in the tenant's usage: it is never counted twice."""
+    return f"{PREFIX}:tenant:{tenant}:counted:{job_id}"

@@ -5,6 +5,7 @@ workers check against the preset they have loaded."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from shared.errors import InvalidInput
 
@@ -15,12 +16,16 @@ MIN_SIZE_TINY = 32  # the offline doubles, for tests and the demo
 @dataclass(frozen=True)
 class Preset:
     name: str
-    # Hub id or local path for FluxPipeline.from_pretrained; None for the offline doubles,
-    # which are built locally by worker.tiny_flux and never fetched, and for the free model.
+    # Where its models come from; the worker has one object per source (worker/models.py):
+    # "hub": FluxPipeline.from_pretrained(model_id, or REFINERY_MODEL_PATH);
+    # "offline-double": tiny random weights built locally by worker.tiny_flux, never fetched;
+    # "free": no model at all, images of the requested size for almost no CPU
+    # (worker/free_model.py), so a benchmark measures the system alone (benchmarks/ceiling.py).
+    source: Literal["hub", "offline-double", "free"]
+    # Hub id or local path: the "hub" presets'.
     model_id: str | None
     steps: int
     guidance: float
-    tiny: bool
     # T5 tokens per prompt: schnell was distilled with 256, dev uses 512.
     max_sequence_length: int
     # Smallest width/height the preset is used at.
@@ -29,9 +34,6 @@ class Preset:
     # one). The offline student decodes through a low-passed VAE of its own instead: that
     # is how the double loses detail (worker/tiny_flux.py).
     lends_vae: bool = True
-    # No model at all: images of the requested size for almost no CPU (worker/free_model.py),
-    # so a benchmark measures the system alone (benchmarks/ceiling.py).
-    free: bool = False
 
     def check_size(self, width: int, height: int) -> None:
         for field, value in (("width", width), ("height", height)):
@@ -42,17 +44,17 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
-        Preset("flux-schnell", "black-forest-labs/FLUX.1-schnell", 4, 0.0, False, 256, MIN_SIZE),
-        Preset("flux-dev", "black-forest-labs/FLUX.1-dev", 28, 3.5, False, 512, MIN_SIZE),
+        Preset("flux-schnell", "hub", "black-forest-labs/FLUX.1-schnell", 4, 0.0, 256, MIN_SIZE),
+        Preset("flux-dev", "hub", "black-forest-labs/FLUX.1-dev", 28, 3.5, 512, MIN_SIZE),
         # Offline test doubles of the pair above: same FluxPipeline class, tiny random
         # weights (worker/tiny_flux.py). Their images are not portraits. 77 tokens, like
         # the CLIP window, so both text encoders see the same prompt.
-        Preset("tiny-schnell", None, 4, 0.0, True, 77, MIN_SIZE_TINY, lends_vae=False),
-        Preset("tiny-dev", None, 28, 3.5, True, 77, MIN_SIZE_TINY),
+        Preset("tiny-schnell", "offline-double", None, 4, 0.0, 77, MIN_SIZE_TINY, lends_vae=False),
+        Preset("tiny-dev", "offline-double", None, 28, 3.5, 77, MIN_SIZE_TINY),
         # A larger random-weight schnell double, sized for the throughput benchmark.
-        Preset("bench-schnell", None, 4, 0.0, True, 77, MIN_SIZE_TINY),
+        Preset("bench-schnell", "offline-double", None, 4, 0.0, 77, MIN_SIZE_TINY),
         # The free model; REFINERY_REFINER_PATH=noop is its refiner.
-        Preset("noop", None, 1, 0.0, False, 77, MIN_SIZE_TINY, free=True),
+        Preset("noop", "free", None, 1, 0.0, 77, MIN_SIZE_TINY),
     )
 }
 

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.contract import KINDS, job_kind
+
 
 def _csv_parts(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
@@ -95,10 +97,11 @@ class Settings(BaseSettings):
     # Submit refuses with queue_full when a queue holds more jobs than this (0: no limit).
     max_queue_depth: int = Field(10_000, ge=0)
 
-    # Queues (one per model pool) and Celery worker behaviour.
-    queue_generate: str = "generate"
-    queue_refine: str = "refine"
-    queue_pairs: str = "pairs"
+    # Queues (one per model pool) and Celery worker behaviour. Each job kind's queue is its
+    # declared default (shared/contract.py: generate_and_refine -> generate, refine_only ->
+    # refine, pair -> pairs) unless this JSON object names another, e.g.
+    # {"generate_and_refine": "generate-eu"}.
+    queues: dict[str, str] = {}
     queue_callbacks: str = "callbacks"
     # Redis redelivers a message not acknowledged within this time. Keep it above the
     # longest job; a job redelivered while it still runs is held back by its lease anyway.
@@ -159,6 +162,21 @@ class Settings(BaseSettings):
     quality_window: int = Field(1000, ge=2)
     quality_min_samples: int = Field(50, ge=2)
 
+    # The HTTP gateway (`refinery gateway`, producer/gateway): where it listens, how many
+    # uvicorn worker processes it runs, the most jobs one POST /v1/jobs:batch admits and
+    # the largest request body it reads. A key made without --rate / --max-queued gets the
+    # default rate (jobs per second, a burst of one second's worth) and cap on queued jobs.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(8080, ge=0, le=65535)
+    gateway_workers: int = Field(1, ge=1)
+    gateway_max_batch: int = Field(1000, ge=1)
+    gateway_max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    gateway_default_rate: float = Field(50.0, gt=0)
+    gateway_default_max_queued: int = Field(1000, ge=1)
+    # Live event streams (GET /v1/jobs/{id}/events) one gateway process holds at once; beyond
+    # it a new one gets 503, and submits keep their own threads.
+    gateway_max_streams: int = Field(256, ge=1)
+
     @field_validator("callback_allowlist", "s3_input_buckets", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
@@ -171,6 +189,18 @@ class Settings(BaseSettings):
             pairs = (part.split("=") for part in _csv_parts(value))
             return {size.strip().lower(): int(n) for size, n in pairs}
         return value
+
+    @field_validator("queues", mode="after")
+    @classmethod
+    def _declared_kinds(cls, queues: dict[str, str]) -> dict[str, str]:
+        # A misspelt kind would otherwise leave its jobs on their default queue, unserved.
+        if unknown := sorted(set(queues) - set(KINDS)):
+            raise ValueError(f"unknown job kind(s) {unknown}; known kinds: {', '.join(KINDS)}")
+        return queues
+
+    def queue(self, kind: str) -> str:
+        """The queue of a declared job kind."""
+        return self.queues.get(kind) or job_kind(kind).queue
 
     def max_batch_for(self, width: int, height: int) -> int:
         return self.max_batch_by_size.get(f"{width}x{height}", self.max_batch)

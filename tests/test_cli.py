@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import pytest
 
-from cli import refiner
+from cli import training
 
 MIRROR = Path("/cache/datasets/0123456789abcdef")
 
@@ -20,16 +20,16 @@ def mirrored(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         uris.append(uri)
         return MIRROR
 
-    monkeypatch.setattr(refiner, "mirror_dataset", mirror_dataset)
+    monkeypatch.setattr(training, "mirror_dataset", mirror_dataset)
     return uris
 
 
 def _argv(command: click.Command, args: list[str]) -> list[str]:
     with command.make_context(command.name, args) as ctx:
-        return refiner.refiner_argv(ctx)
+        return training.refiner_argv(ctx)
 
 
-@pytest.mark.parametrize("command", [refiner.train, refiner.evaluate], ids=["train", "eval"])
+@pytest.mark.parametrize("command", [training.train, training.evaluate], ids=["train", "eval"])
 @pytest.mark.parametrize(
     "data", [["--data=s3://portraits/v1/"], ["--data", "s3://portraits/v1/"]], ids=["equals", "space"]
 )
@@ -39,7 +39,7 @@ def test_an_s3_dataset_is_mirrored_and_passed_on_as_a_local_directory(mirrored, 
     assert argv == ["--data", str(MIRROR), "--arch", "cyclegan", "--out", "runs/r1"]
 
 
-@pytest.mark.parametrize("command", [refiner.train, refiner.evaluate], ids=["train", "eval"])
+@pytest.mark.parametrize("command", [training.train, training.evaluate], ids=["train", "eval"])
 def test_a_local_dataset_passes_unchanged(mirrored, command) -> None:
     assert _argv(command, ["--data", "datasets/v1", "--out", "runs/r1"]) == [
         "--data",

@@ -42,6 +42,26 @@ def cpu_refine_workers() -> list[str]:
     ]
 
 
+def queues_served(service: dict) -> list[str]:
+    """The queues `refinery worker` (the worker image's entrypoint) serves with the service's
+    command as its arguments, under default settings."""
+    from cli.worker import resolve_queues, worker
+    from shared.settings import Settings
+
+    context = worker.make_context("worker", list(service.get("command", [])))
+    return resolve_queues(Settings(_env_file=None), context.params["queues"])
+
+
+def test_model_workers_serve_the_default_queues_and_name_only_known_ones() -> None:
+    from shared.routing import default_queues, model_queues
+    from shared.settings import Settings
+
+    settings = Settings(_env_file=None)
+    assert default_queues(settings) == ["generate", "refine"]
+    for name in [*GPU_WORKERS, *cpu_refine_workers()]:
+        assert set(queues_served(SERVICES[name])) <= set(model_queues(settings)), name
+
+
 def test_services_exist() -> None:
     for name in ("redis", "minio", "minio-init", "worker-gpu0", "callbacks", "flower"):
         assert name in SERVICES, name
@@ -110,7 +130,8 @@ def test_each_gpu_worker_reserves_one_nvidia_gpu() -> None:
         seen_ids += device["device_ids"]
         # The container sees its one GPU as device 0, whatever its host index.
         assert environment(SERVICES[name]).get("CUDA_VISIBLE_DEVICES") == "0", name
-        assert "generate" in command(SERVICES[name]), name
+        # No queues spelt out: the worker's own default, from the job kinds' declarations.
+        assert queues_served(SERVICES[name]) == ["generate", "refine"], name
     assert len(seen_ids) == len(set(seen_ids)), "two workers on one GPU"
     for name in cpu_refine_workers():
         assert "deploy" not in SERVICES[name]
@@ -192,7 +213,7 @@ def test_keda_scales_on_the_generate_lists() -> None:
     assert {t["type"] for t in triggers} == {"redis"}
     # Celery on Redis keeps each queue as lists named like the queue, one per priority step;
     # the backlog is all of them, added up by the formula.
-    queue = Settings(_env_file=None).queue_generate
+    queue = Settings(_env_file=None).queue("generate_and_refine")
     assert queue == "generate"
     lists = {t["metadata"]["listName"] for t in triggers}
     assert lists <= set(queue_lists(queue))

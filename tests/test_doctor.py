@@ -20,7 +20,7 @@ import redis
 
 from devstack.stack import LocalStack
 from producer.client import Client
-from shared.contract import GenerateSpec, JobKind, JobRecord, JobState, utcnow
+from shared.contract import GenerateSpec, JobRecord, JobState, utcnow
 from shared.routing import send_callback
 
 
@@ -129,7 +129,7 @@ def test_callbacks_waiting_with_no_consumer_fail(stack: LocalStack) -> None:
     finished = utcnow() - timedelta(seconds=120)
     record = JobRecord(
         job_id=uuid.uuid4().hex,
-        kind=JobKind.generate_and_refine,
+        kind="generate_and_refine",
         spec=spec,
         state=JobState.succeeded,
         created_at=finished - timedelta(seconds=5),

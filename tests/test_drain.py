@@ -63,7 +63,7 @@ def test_sigterm_finishes_the_batch_on_the_model_and_hands_back_the_rest_at_once
         )
         status, drain_s = _terminate(stack, "leaving")
         left = _unfinished(client, job_ids)
-        depth = queue_depth(client.store.redis, stack.settings.queue_generate)
+        depth = queue_depth(client.store.redis, stack.settings.queue("generate_and_refine"))
         states = Counter(client.status(j).state for j in left)
 
         stack.start_worker("staying")
@@ -107,7 +107,7 @@ def test_a_batch_longer_than_the_drain_timeout_is_handed_back_too(tmp_path):
         )
         status, _ = _terminate(stack, "leaving")
         records_after = [client.status(j) for j in job_ids]
-        depth = queue_depth(client.store.redis, stack.settings.queue_generate)
+        depth = queue_depth(client.store.redis, stack.settings.queue("generate_and_refine"))
         live = client.store.workers()
         log = (stack.logs / "leaving.log").read_text()
 

@@ -57,7 +57,7 @@ class FailoverProducer:
 def _drop_message(client: Client, job_id: str) -> None:
     """Take a job's message off its queue, as a primary lost just after a worker took it
     (and before kombu recorded it as unacknowledged) does."""
-    for name in queue_lists(client.settings.queue_generate):
+    for name in queue_lists(client.settings.queue("generate_and_refine")):
         for raw in cast(list[bytes], client.store.redis.lrange(name, 0, -1)):
             if json.loads(raw)["headers"]["id"] == job_id:
                 client.store.redis.lrem(name, 1, raw.decode())

@@ -17,7 +17,7 @@ import pytest
 from devstack.stack import LocalStack, wait_until
 from producer.client import Client
 from shared import keys
-from shared.contract import GenerateSpec, JobKind, JobRecord, JobState
+from shared.contract import GenerateSpec, JobRecord, JobState
 from shared.objects import ObjectStore
 
 pytestmark = pytest.mark.integration
@@ -192,13 +192,16 @@ def test_poison_job_is_retried_a_bounded_number_of_times_then_dead_lettered(tmp_
         # model call with it raises.
         poison = JobRecord(
             job_id="poison",
-            kind=JobKind.generate_and_refine,
+            kind="generate_and_refine",
             spec=GenerateSpec(prompt="x", width=SIZE, height=SIZE),
             seed=2**70,
         )
         client.store.create(poison)
         client.celery.send_task(
-            keys.TASK_GENERATE, args=["poison"], task_id="poison", queue=stack.settings.queue_generate
+            keys.task_name("generate_and_refine"),
+            args=["poison"],
+            task_id="poison",
+            queue=stack.settings.queue("generate_and_refine"),
         )
         good = [client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE) for s in range(3)]
 

@@ -117,14 +117,14 @@ def test_documented_rules_match_the_broker() -> None:
     # The documented body is the base64 of the documented arguments.
     job_id = DOC_RECORD["job_id"]
     assert json.loads(base64.b64decode(DOC_MESSAGE["body"])) == [[job_id], {}, EMBED]
-    assert DOC_MESSAGE["headers"]["task"] == keys.TASK_GENERATE
+    assert DOC_MESSAGE["headers"]["task"] == "refinery.generate_and_refine"
     assert DOC_MESSAGE["properties"]["priority"] == Priority(DOC_RECORD["spec"]["priority"]).rank
 
 
 def test_documented_message_has_the_shape_celery_sends(redis_url: str) -> None:
     """Celery's own message, captured from Redis, has the same fields (catches upgrades)."""
     app = make_celery(settings_for(redis_url))
-    app.send_task(keys.TASK_GENERATE, args=["abc"], task_id="abc", queue="generate", priority=3)
+    app.send_task("refinery.generate_and_refine", args=["abc"], task_id="abc", queue="generate", priority=3)
     (raw,) = redis.Redis.from_url(redis_url).lrange(list_name("generate", 3), 0, -1)
     sent = json.loads(raw)
     assert json.loads(base64.b64decode(sent["body"])) == [["abc"], {}, EMBED]
@@ -182,11 +182,11 @@ def _seen(task, job_id):
     info = task.request.delivery_info or {}
     client.rpush("seen", json.dumps({"task": task.name, "job_id": job_id, "kind": record.kind, "queue": info.get("routing_key")}))
 
-@app.task(name=keys.TASK_GENERATE, bind=True)
+@app.task(name="refinery.generate_and_refine", bind=True)
 def generate_and_refine(self, job_id):
     _seen(self, job_id)
 
-@app.task(name=keys.TASK_REFINE, bind=True)
+@app.task(name="refinery.refine_only", bind=True)
 def refine_only(self, job_id):
     _seen(self, job_id)
 '''
@@ -196,10 +196,10 @@ def refine_only(self, job_id):
 def test_a_celery_worker_runs_hand_built_messages_in_priority_order(redis_url: str, tmp_path: Path) -> None:
     client = redis.Redis.from_url(redis_url)
     jobs = [  # pushed low first: the worker must still serve high, then normal, then low
-        ("generate_and_refine", keys.TASK_GENERATE, "generate", Priority.low),
-        ("generate_and_refine", keys.TASK_GENERATE, "generate", Priority.normal),
-        ("generate_and_refine", keys.TASK_GENERATE, "generate", Priority.high),
-        ("refine_only", keys.TASK_REFINE, "refine", Priority.normal),
+        ("generate_and_refine", "refinery.generate_and_refine", "generate", Priority.low),
+        ("generate_and_refine", "refinery.generate_and_refine", "generate", Priority.normal),
+        ("generate_and_refine", "refinery.generate_and_refine", "generate", Priority.high),
+        ("refine_only", "refinery.refine_only", "refine", Priority.normal),
     ]
     ids = {}
     for kind, task, queue, priority in jobs:
@@ -228,7 +228,9 @@ def test_a_celery_worker_runs_hand_built_messages_in_priority_order(redis_url: s
             ids[("generate", p)] for p in (Priority.high, Priority.normal, Priority.low)
         ]
         assert all(
-            s["task"] == keys.TASK_GENERATE and s["kind"] == "generate_and_refine" and s["queue"] == "generate"
+            s["task"] == "refinery.generate_and_refine"
+            and s["kind"] == "generate_and_refine"
+            and s["queue"] == "generate"
             for s in seen
         )
         # The worker consumed only "generate": the refine job still waits on its own list.
@@ -245,7 +247,7 @@ def test_a_celery_worker_runs_hand_built_messages_in_priority_order(redis_url: s
         wait_until(lambda: client.llen("seen") == 4, timeout_s=60, what="refine job run", process=worker, log=log)
         last = json.loads(client.lindex("seen", -1))
         assert last == {
-            "task": keys.TASK_REFINE,
+            "task": "refinery.refine_only",
             "job_id": ids[("refine", Priority.normal)],
             "kind": "refine_only",
             "queue": "refine",

@@ -29,7 +29,7 @@ from devstack.stack import wait_until
 from producer.client import Client, JobHandle
 from shared import keys
 from shared.broker import queue_depth
-from shared.contract import JobKind, JobRecord, JobState, RefineSpec
+from shared.contract import JobRecord, JobState, RefineSpec
 from shared.errors import CallbackRefused, InvalidImage, InvalidInput, RefineryError
 
 pytestmark = pytest.mark.integration
@@ -121,10 +121,14 @@ class Ctx:
         """A job written the way docs/deploy.md tells other producers to: record, then
         message, with no client-side checks. The worker must refuse what it must refuse."""
         job_id = uuid.uuid4().hex
-        record = JobRecord(job_id=job_id, kind=JobKind.refine_only, spec=RefineSpec(**spec))
+        record = JobRecord(job_id=job_id, kind="refine_only", spec=RefineSpec(**spec))
         self.client.store.create(record)
         self.client.celery.send_task(
-            keys.TASK_REFINE, args=[job_id], task_id=job_id, queue=self.client.settings.queue_refine, priority=3
+            keys.task_name("refine_only"),
+            args=[job_id],
+            task_id=job_id,
+            queue=self.client.settings.queue("refine_only"),
+            priority=3,
         )
         return JobHandle(job_id, self.client)
 
@@ -368,7 +372,9 @@ def redis_state(client: Client) -> tuple[set[bytes], int]:
     """Job records and idempotency keys, and the messages waiting in the model queues."""
     r = client.store.redis
     names = set(r.scan_iter(keys.job_key("*"))) | set(r.scan_iter(keys.idempotency_key("*")))
-    waiting = sum(queue_depth(r, q) for q in (client.settings.queue_generate, client.settings.queue_refine))
+    waiting = sum(
+        queue_depth(r, q) for q in (client.settings.queue("generate_and_refine"), client.settings.queue("refine_only"))
+    )
     return names, waiting
 
 
@@ -436,19 +442,23 @@ def test_foreign_record_breaking_the_contract_fails_instead_of_hanging(ctx: Ctx)
     """A hand-written record (docs/deploy.md) whose spec breaks the contract must end
     ``failed`` with invalid_input, not sit ``queued`` forever after its message is gone."""
     job_id = uuid.uuid4().hex
-    record = JobRecord(
-        job_id=job_id, kind=JobKind.refine_only, spec=RefineSpec(input_uri=f"s3://{BUCKET}/uploads/x.png")
-    )
+    record = JobRecord(job_id=job_id, kind="refine_only", spec=RefineSpec(input_uri=f"s3://{BUCKET}/uploads/x.png"))
     raw = record.model_dump(mode="json")
     raw["spec"]["input_uri"] = f"s3://{BUCKET}/uploads/../refinery/jobs/{job_id}/input"
     r = ctx.client.store.redis
     r.set(keys.job_key(job_id), json.dumps(raw), ex=3600)
     ctx.client.celery.send_task(
-        keys.TASK_REFINE, args=[job_id], task_id=job_id, queue=ctx.client.settings.queue_refine, priority=3
+        keys.task_name("refine_only"),
+        args=[job_id],
+        task_id=job_id,
+        queue=ctx.client.settings.queue("refine_only"),
+        priority=3,
     )
 
     # The worker takes the message ...
-    wait_until(lambda: queue_depth(r, ctx.client.settings.queue_refine) == 0, timeout_s=30, what="message consumed")
+    wait_until(
+        lambda: queue_depth(r, ctx.client.settings.queue("refine_only")) == 0, timeout_s=30, what="message consumed"
+    )
 
     # ... and the record must then say what became of the job.
     def terminal() -> bool:
@@ -465,9 +475,13 @@ def test_callback_refused_at_delivery_when_the_submit_check_was_bypassed(ctx: Ct
     job_id = uuid.uuid4().hex
     uri = ctx.upload(encoded("PNG"))
     spec = RefineSpec(input_uri=uri, callback_url="http://169.254.169.254/latest/meta-data/")
-    ctx.client.store.create(JobRecord(job_id=job_id, kind=JobKind.refine_only, spec=spec))
+    ctx.client.store.create(JobRecord(job_id=job_id, kind="refine_only", spec=spec))
     ctx.client.celery.send_task(
-        keys.TASK_REFINE, args=[job_id], task_id=job_id, queue=ctx.client.settings.queue_refine, priority=3
+        keys.task_name("refine_only"),
+        args=[job_id],
+        task_id=job_id,
+        queue=ctx.client.settings.queue("refine_only"),
+        priority=3,
     )
 
     record = ctx.client.wait(job_id, 60)

@@ -9,15 +9,20 @@ import torch
 
 from shared.errors import InvalidInput
 from shared.presets import PRESETS, get_preset
+from shared.settings import Settings
 from worker.models import (
     SHARED_COMPONENTS,
+    HubSource,
+    OfflineDoubleSource,
     generate,
     lent_components,
     load_pipeline,
     resolve_device,
     resolve_dtype,
+    source_of,
     warm_up,
 )
+from worker.registry import ModelRegistry
 from worker.tiny_flux import build_tiny_pipeline, ensure_tiny_pipeline_saved
 
 PROMPTS = [
@@ -188,11 +193,32 @@ def test_presets():
     schnell, dev = get_preset("flux-schnell"), get_preset("flux-dev")
     assert (schnell.model_id, schnell.steps, schnell.guidance) == ("black-forest-labs/FLUX.1-schnell", 4, 0.0)
     assert (dev.model_id, dev.steps, dev.guidance) == ("black-forest-labs/FLUX.1-dev", 28, 3.5)
-    assert get_preset("tiny-schnell").tiny and not schnell.tiny
+    assert isinstance(source_of(get_preset("tiny-schnell")), OfflineDoubleSource)
+    assert isinstance(source_of(schnell), HubSource)
     with pytest.raises(InvalidInput) as caught:
         get_preset("nope")
     assert caught.value.field == "preset" and caught.value.code == "invalid_input"
     assert all(name in caught.value.message for name in PRESETS)
+
+
+def test_the_free_model_answers_what_the_worker_asks_of_a_pipeline(tmp_path):
+    # As a pairs worker on the free model: student and teacher, batch-invariant, warmed up.
+    settings = Settings(
+        _env_file=None,
+        model_preset="noop",
+        teacher_preset="noop",
+        refiner_path="noop",
+        batch_invariant="on",
+        model_cache_dir=tmp_path,
+    )
+    registry = ModelRegistry(settings)
+    registry.warm_up({"pipeline", "teacher"})
+    assert lent_components(registry.pipeline, registry.preset) == {}
+    images = run(registry.teacher, PROMPTS[:2], SEEDS[:2], size=(32, 48), preset="noop")
+    assert images.shape == (2, 3, 48, 32)
+    # Loaded, but no weights to cache: nothing for `refinery doctor` to warn about.
+    assert registry.describe()["weights"] == {}
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resolve_device_and_dtype():

@@ -4,21 +4,38 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
-from devstack.stack import LocalStack
+from devstack.stack import LocalStack, free_port, wait_until
 from refiner.data import PairDataset
 
 pytestmark = pytest.mark.integration
 
 
+def pair_stage_counts(metrics_port: int) -> dict[str, float]:
+    """refinery_stage_seconds_count of pair jobs, by stage, as the worker serves it."""
+    scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    return {
+        sample.labels["stage"]: sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+        if sample.name == "refinery_stage_seconds_count" and sample.labels["kind"] == "pair"
+    }
+
+
 def test_pairs_generate_writes_a_resumable_dataset(tmp_path):
     out = tmp_path / "dataset"
     with LocalStack(tmp_path / "stack", max_batch=4) as stack:
-        stack.start_worker("pairs", [stack.settings.queue_pairs])
+        metrics_port = free_port()
+        stack.start_worker("pairs", [stack.settings.queue("pair")], metrics_port=metrics_port)
         args = ["pairs", "generate", "--count", "6", "--out", str(out), "--width", "32", "--height", "48"]
         first = stack.refinery(*args, "--student", "tiny-schnell", "--teacher", "tiny-dev")
+        # Counted just after each record's final write, which `pairs generate` may return before.
+        wait_until(lambda: pair_stage_counts(metrics_port).get("upload") == 6, timeout_s=30, what="6 pairs counted")
+        stage_counts = pair_stage_counts(metrics_port)
         again = stack.refinery(*args)  # presets default to the settings: the same pair
         more = stack.refinery(*[a if a != "6" else "8" for a in args])
         status = stack.refinery("pairs", "status", "--out", str(out), "--json")
@@ -41,6 +58,8 @@ def test_pairs_generate_writes_a_resumable_dataset(tmp_path):
         resumed = stack.refinery(*[a if a != "6" else "8" for a in args])
 
     assert first.returncode == 0, first.stderr
+    # The pairs' model time is in Prometheus, as their own stages.
+    assert stage_counts == {"student": 6, "teacher": 6, "encode": 6, "upload": 6}
     assert "6 pairs queued, 0 already written" in first.stdout
     assert "0 pairs queued, 6 already written" in again.stdout
     assert "2 pairs queued, 6 already written" in more.stdout

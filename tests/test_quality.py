@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack.refiner_doubles import blur, blurring_refiner_network
 from devstack.stack import LocalStack, free_port
 from producer.client import Client
 from refiner.export import Refiner
@@ -22,30 +22,6 @@ from refiner.networks import RefinerUNet
 from shared.contract import JobState
 from shared.settings import Settings
 from worker.quality import QualityMonitor
-
-
-def blur(images: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
-    """Separable Gaussian blur, (B, 3, H, W) -> same."""
-    radius = 4
-    taps = torch.arange(-radius, radius + 1.0).div(sigma).pow(2).mul(-0.5).exp()
-    kernel = (taps / taps.sum()).repeat(3, 1, 1, 1)  # (3, 1, 1, 2r + 1)
-    x = F.pad(images, (radius,) * 4, mode="reflect")
-    x = F.conv2d(x, kernel, groups=3)
-    return F.conv2d(x, kernel.transpose(2, 3), groups=3)
-
-
-def blurring_refiner_network(steps: int = 150) -> RefinerUNet:
-    """A deliberately broken refiner: a small U-Net trained to blur its input (a few seconds)."""
-    torch.manual_seed(0)
-    network = RefinerUNet(base_channels=8, channel_mults=(1, 2), norm_num_groups=4)
-    optimizer = torch.optim.Adam(network.parameters(), 2e-3)
-    for _ in range(steps):
-        x = torch.rand(8, 3, 32, 32)
-        loss = (network(x) - blur(x)).abs().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return network.eval()
 
 
 @pytest.fixture(scope="module")

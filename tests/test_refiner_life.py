@@ -45,7 +45,7 @@ TRAIN_TIMEOUT_S = 900
 def life(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("life")
     with LocalStack(root / "stack", max_batch=16) as stack:
-        stack.start_worker("pairs", [stack.settings.queue_pairs])
+        stack.start_worker("pairs", [stack.settings.queue("pair")])
         made = stack.refinery(
             "pairs", "generate", "--count", PAIRS, "--out", root / "data", "--width", SIZE, "--height", SIZE
         )
@@ -63,7 +63,7 @@ def _check_served(stack: LocalStack, refiner_dir: Path, data: Path) -> None:
     """A worker started with REFINERY_REFINER_PATH=refiner_dir returns, for a held-out student
     image, what the refiner computes in this process: the exported weights are the served ones."""
     name = f"serve-{refiner_dir.parent.name}"
-    stack.start_worker(name, [stack.settings.queue_refine], env={"REFINERY_REFINER_PATH": str(refiner_dir)})
+    stack.start_worker(name, [stack.settings.queue("refine_only")], env={"REFINERY_REFINER_PATH": str(refiner_dir)})
     try:
         client = Client(stack.settings)
         student_png = (data / "pairs" / "0000007" / "student.png").read_bytes()

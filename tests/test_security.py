@@ -28,7 +28,7 @@ from devstack.stack import LocalStack, free_port, wait_until
 from producer.client import Client
 from shared import keys
 from shared.broker import make_celery, queue_depth, queue_lists
-from shared.contract import GenerateSpec, JobKind, JobRecord, JobState
+from shared.contract import GenerateSpec, JobRecord, JobState
 from shared.records import RecordStore
 from shared.settings import Settings
 
@@ -94,7 +94,7 @@ def test_pickled_message_is_refused_and_the_worker_keeps_serving(stack, client, 
     marker = tmp_path / "unpickled"
     job_id = uuid.uuid4().hex
     spec = GenerateSpec(prompt="portrait", seed=1, width=SIZE, height=SIZE)
-    client.store.create(JobRecord(job_id=job_id, kind=JobKind.generate_and_refine, spec=spec, seed=1))
+    client.store.create(JobRecord(job_id=job_id, kind="generate_and_refine", spec=spec, seed=1))
 
     # Celery's own pickle message for a real job, built on a staging queue, then placed on
     # the worker's queue as if a hostile producer had sent it there.
@@ -102,7 +102,7 @@ def test_pickled_message_is_refused_and_the_worker_keeps_serving(stack, client, 
     sender.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
     staging = f"staging-{job_id}"
     sender.send_task(
-        keys.TASK_GENERATE,
+        keys.task_name("generate_and_refine"),
         args=[job_id],
         kwargs={"payload": WritesAFile(marker)},
         task_id=job_id,
@@ -115,11 +115,15 @@ def test_pickled_message_is_refused_and_the_worker_keeps_serving(stack, client, 
     r.delete(staged)
     message = json.loads(raw)
     assert message["content-type"] == "application/x-python-serialize"
-    message["properties"]["delivery_info"]["routing_key"] = stack.settings.queue_generate
-    r.lpush(queue_lists(stack.settings.queue_generate)[1], json.dumps(message))
+    message["properties"]["delivery_info"]["routing_key"] = stack.settings.queue("generate_and_refine")
+    r.lpush(queue_lists(stack.settings.queue("generate_and_refine"))[1], json.dumps(message))
 
     # The worker takes it off the queue ...
-    wait_until(lambda: queue_depth(r, stack.settings.queue_generate) == 0, timeout_s=30, what="pickled message taken")
+    wait_until(
+        lambda: queue_depth(r, stack.settings.queue("generate_and_refine")) == 0,
+        timeout_s=30,
+        what="pickled message taken",
+    )
     # ... and still serves valid jobs.
     after = client.submit_generate("portrait after a pickle", seed=2, width=SIZE, height=SIZE).wait(60)
     assert after.state is JobState.succeeded, after.error

@@ -8,17 +8,23 @@ a few dozen steps, so the file runs in well under a minute on 2 CPU cores.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from PIL import Image
 
 from refiner import RefinerUNet, load_refiner, to_pil
-from refiner.data import PairDataset, ResumableBatchSampler, split_of
+from refiner.data import PairDataset, ResumableBatchSampler, collate_pairs, split_of
 from refiner.extractors import LPIPSAlex
 from refiner.losses import (
     CycleLossWeights,
@@ -31,6 +37,7 @@ from refiner.losses import (
     lsgan_loss,
     ms_ssim,
 )
+from refiner.modes import MODES
 from refiner.networks import (
     CycleDiscriminators,
     EfficientSelfAttention,
@@ -38,7 +45,7 @@ from refiner.networks import (
     build_cyclegan,
     count_parameters,
 )
-from refiner.options import TrainConfig, config_from_args
+from refiner.options import TrainConfig, build_parser, config_from_args
 from refiner.train import get_lr, train
 from shared.datasets import MANIFEST_DIR, ManifestRow, PresetRow, pair_paths
 
@@ -358,6 +365,18 @@ def test_overfits_a_small_batch(pairs_dir: Path) -> None:
 # --- the training loop -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [("unet-cbam", {}), ("unet-cbam", {"adversarial_weight": 0.1, "perceptual": "none"}), ("esa-cyclegan", {})],
+)
+def test_a_mode_logs_every_part_its_step_returns(pairs_dir: Path, tmp_path: Path, arch: str, overrides: dict) -> None:
+    # metrics.csv drops what is not a column, so a part missing from `columns` would vanish.
+    mode = MODES[arch](_config(pairs_dir, tmp_path, arch=arch, **overrides).resolved(), Accelerator())
+    batch = collate_pairs([PairDataset(pairs_dir, "train")[i] for i in range(2)])
+    loss, parts = mode.step(batch["student"], batch["teacher"])
+    assert set(parts) == set(mode.columns) and torch.isfinite(loss)
+
+
 def test_short_run_writes_metrics_samples_checkpoint_and_export(pairs_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     export = train(_config(pairs_dir, out, steps=20))
@@ -383,6 +402,7 @@ def test_short_run_writes_metrics_samples_checkpoint_and_export(pairs_dir: Path,
     assert refiner.network.config.base_channels == 8
     card = json.loads((export / "refiner.json").read_text())
     assert card["architecture"] == "unet-cbam" and card["perceptual_loss"] == "ms_ssim"
+    assert card["discriminator_parameters"] is None  # no adversarial term, no discriminator
     assert card["gradient_against"] == card["config"]["gradient_against"] == "target"  # the default, recorded
     assert json.loads((out / "config.json").read_text())["gradient_against"] == "target"
     assert card["parameters"] == count_parameters(refiner.network)
@@ -472,6 +492,9 @@ def test_paired_adversarial_term_trains_and_resumes(pairs_dir: Path, tmp_path: P
     assert all(np.isfinite(float(r[c])) for r in rows for c in ("adversarial", "d_loss"))
     assert len({r["d_loss"] for r in rows}) > 1  # the discriminator learns
     assert isinstance(load_refiner(export).network, RefinerUNet)
+    # The card records the discriminator it trained beside the refiner.
+    card = json.loads((export / "refiner.json").read_text())
+    assert card["discriminator_parameters"] == count_parameters(PatchDiscriminator(SMALL["disc_channels"]))
 
     train(_config(pairs_dir, tmp_path / "halves", steps=5, **common))
     train(_config(pairs_dir, tmp_path / "halves", steps=10, resume=True, **common))
@@ -532,5 +555,78 @@ def test_learning_rate_schedule_and_cli_parsing() -> None:
     assert TrainConfig(data="d", out="o", lpips_weights="w.pth").resolved().perceptual == "lpips"
     with pytest.raises(ValueError, match="arch"):
         TrainConfig(data="d", out="o", arch="gan").resolved()
-    with pytest.raises(ValueError, match="sync"):
+    with pytest.raises(ValueError, match="mirrors an s3:// dataset"):
         TrainConfig(data="s3://bucket/pairs", out="o").resolved()
+
+
+def test_every_config_field_is_an_option() -> None:
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    assert {action.dest for action in build_parser()._actions} - {"help"} == fields
+    # The options' defaults are the config's.
+    assert config_from_args(["--data", "d", "--out", "o"]) == TrainConfig(data="d", out="o")
+    # Each type parses, the eight options that the hand-written parser lacked among them.
+    given = {
+        "lr_decay_steps": 900,
+        "min_lr_ratio": 0.05,
+        "weight_decay": 0.01,
+        "grad_clip": 0.0,
+        "disc_channels": 16,
+        "max_val_pairs": 64,
+        "affine_fit_pairs": 128,
+        "sample_pairs": 4,
+        "max_minutes": 1.5,
+        "mixed_precision": "bf16",
+        "perceptual": "none",
+        "channel_mults": (1, 2, 2),
+    }
+    argv = ["--data", "d", "--out", "o"]
+    for name, value in given.items():
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        argv += ["--" + name.replace("_", "-"), text]
+    parsed = config_from_args(argv)
+    assert {name: getattr(parsed, name) for name in given} == given
+    assert "(default: 1,2,4)" in build_parser().format_help()
+    with pytest.raises(SystemExit):
+        config_from_args(["--data", "d", "--out", "o", "--mixed-precision", "fp64"])
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_two_processes_under_accelerate_launch_train_what_one_process_trains(pairs_dir: Path, tmp_path: Path) -> None:
+    """`accelerate launch -m cli train` runs `refinery train` itself, with its `--data`. Two
+    processes, each on its half of every global batch (DDP averages their gradients), end
+    where one process on the whole batch ends, and only the main one exports."""
+    common = {"steps": 4, "val_every": 2, "sample_every": 0, "checkpoint_every": 0}
+    argv = ["--data", str(pairs_dir), "--out", str(tmp_path / "two"), "--batch-size", "2"]
+    argv += ["--base-channels", "8", "--channel-mults", "1,2"]  # SMALL's networks
+    for name, value in common.items():
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    # `accelerate launch --cpu` starts one process however many are asked for (several CPU
+    # processes need mpirun); torchrun's launcher starts two, and ACCELERATE_USE_CPU, which
+    # --cpu sets, puts them on gloo.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launched = subprocess.run(
+        [*launcher, "--main_process_port", str(_free_port()), "-m", "cli", "train", *argv],
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("refiner: ") == 1, launched.stdout
+    two = tmp_path / "two" / "refiner"
+    assert json.loads((two / "refiner.json").read_text())["processes"] == 2
+
+    one = train(_config(pairs_dir, tmp_path / "one", batch_size=4, **common))
+    assert json.loads((one / "refiner.json").read_text())["processes"] == 1
+    one_weights, two_weights = load_refiner(one).network.state_dict(), load_refiner(two).network.state_dict()
+    for key, value in one_weights.items():
+        assert torch.allclose(value, two_weights[key], atol=1e-4), key
+    with (tmp_path / "two" / "metrics.csv").open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(5))

@@ -33,11 +33,11 @@ def test_a_flux_worker_refuses_a_tiny_generate_job(flux_registry):
         job_id="j", kind="generate_and_refine", spec=GenerateSpec(prompt="p", width=32, height=512), seed=1
     )
     with pytest.raises(InvalidInput, match="at least 256 for preset 'flux-schnell'") as raised:
-        job.prepare(record, StageTimer())
+        job.prepare(record, record.spec, StageTimer())
     assert raised.value.code == "invalid_input" and raised.value.field == "width"
 
     ok = record.model_copy(update={"spec": GenerateSpec(prompt="p", width=256, height=512)})
-    key, _ = job.prepare(ok, StageTimer())
+    key, _ = job.prepare(ok, ok.spec, StageTimer())
     assert (key.width, key.height, key.steps) == (256, 512, 4)
 
 
@@ -54,7 +54,7 @@ def test_a_flux_pairs_worker_refuses_a_tiny_pair(flux_registry):
         teacher="flux-dev",
     )
     with pytest.raises(InvalidInput, match="at least 256") as raised:
-        job.prepare(JobRecord(job_id="j", kind="pair", spec=spec, seed=1), StageTimer())
+        job.prepare(JobRecord(job_id="j", kind="pair", spec=spec, seed=1), spec, StageTimer())
     assert raised.value.field == "height"
 
 

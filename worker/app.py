@@ -24,8 +24,8 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from shared import keys
 from shared.broker import make_celery
 from shared.callbacks import CallbackFailed
+from shared.contract import KINDS
 from shared.records import RecordStore
-from shared.routing import ROUTES
 from shared.settings import Settings
 from worker import metrics
 from worker.orphans import OrphanSweeper
@@ -64,8 +64,8 @@ def make_app(
                 raise task.retry(countdown=retry_in)
 
         # Registered under each kind's task name: foreign producers send by those names.
-        for route in ROUTES.values():
-            app.task(name=route.task, bind=True, max_retries=None)(run_job)
+        for kind in KINDS.values():
+            app.task(name=kind.task, bind=True, max_retries=None)(run_job)
 
     @app.task(name=keys.TASK_CALLBACK, bind=True, max_retries=None)
     def deliver_callback(task: Task, job_id: str, event: str) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from shared.contract import JobError, JobKind, JobRecord, JobResult, JobState, Quality, utcnow
+from shared.contract import JobError, JobRecord, JobResult, JobState, Quality, utcnow
 from shared.errors import RefineryError
 from shared.objects import ObjectStore
 from shared.records import RecordStore
@@ -227,14 +227,15 @@ class JobRunner:
 
     def _process(self, record: JobRecord, timer: StageTimer) -> Outcome:
         handler = self.handlers.serving(record.kind)
-        key, item = handler.prepare(record, timer)
+        # The record's spec is of its kind (JobRecord checks), so of the handler's spec type.
+        key, item = handler.prepare(record, record.spec, timer)
         # Blocks this job's thread until its batch has run on the model thread.
         batched = self.batcher.submit(key, item, priority=record.spec.priority.rank)
         timer.ms["batch_wait"] = round(batched.waited_s * 1000, 3)
         timer.ms.update(batched.result.timings_ms)
         if self.store.get(record.job_id).state is JobState.cancelled:
             return Outcome(None, None, batched.batch_size)  # cancelled while running: publish nothing
-        published = handler.publish(record, batched.result, timer)
+        published = handler.publish(record, record.spec, batched.result, timer)
         return Outcome(published.result, published.refiner, batched.batch_size, published.quality)
 
     def _finish(
@@ -290,9 +291,9 @@ class JobRunner:
 
 
 def build_runner(
-    settings: Settings, worker_name: str, kinds: list[JobKind], notify: Callable[[str, str], None]
+    settings: Settings, worker_name: str, kinds: list[str], notify: Callable[[str, str], None]
 ) -> JobRunner:
-    """Load and warm the models these job kinds need, before the worker consumes."""
+    """Load and warm the models these job kinds (their names) need, before the worker consumes."""
     registry = ModelRegistry(settings)
     storage = ObjectStore(settings)
     handlers = Handlers(kinds, registry, storage, settings)

@@ -18,10 +18,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
-from shared.contract import JobRecord
+from shared.contract import KINDS, JobRecord
 from shared.errors import InvalidInput
-
-STAGES = ("load_input", "generate", "refine", "encode", "upload")
 
 # Queue wait spans milliseconds (idle pool) to the visibility timeout (a deep backlog).
 _WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -101,13 +99,13 @@ def observe_job(record: JobRecord) -> None:
     """
     if not record.state.terminal:
         return
-    kind = record.kind.value
+    kind = record.kind
     timings = record.timings_ms
     JOBS.labels(kind=kind, state=record.state.value).inc()
     if "queue_wait" in timings:
         # Clocks of producer and worker can disagree by a little; a negative wait is skew.
         QUEUE_WAIT.labels(kind=kind).observe(max(timings["queue_wait"], 0.0) / 1000)
-    for stage in STAGES:
+    for stage in KINDS[kind].stages:  # the kind's own (timings_ms also has queue_wait, total, ...)
         if stage in timings:
             STAGE_SECONDS.labels(kind=kind, stage=stage).observe(timings[stage] / 1000)
     if "total" in timings:

@@ -18,17 +18,17 @@ import time
 from celery import Celery
 
 from shared.broker import held_task_ids, queue_depth
-from shared.contract import JobKind, JobState
+from shared.contract import JobState
 from shared.errors import JobNotFound
 from shared.records import RecordStore
-from shared.routing import ROUTES, send_job
+from shared.routing import send_job
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
 class OrphanSweeper:
-    def __init__(self, app: Celery, store: RecordStore, settings: Settings, kinds: list[JobKind]) -> None:
+    def __init__(self, app: Celery, store: RecordStore, settings: Settings, kinds: list[str]) -> None:
         self.app = app
         self.store = store
         self.settings = settings
@@ -36,7 +36,7 @@ class OrphanSweeper:
 
     def sweep(self) -> list[str]:
         """Send the orphans of this worker's kinds again; returns their ids."""
-        idle = [k for k in self.kinds if not queue_depth(self.store.redis, ROUTES[k].queue(self.settings))]
+        idle = [k for k in self.kinds if not queue_depth(self.store.redis, self.settings.queue(k))]
         candidates = self.store.queued_before(time.time() - self.settings.orphan_check_s)
         if not idle or not candidates:
             return []

@@ -9,23 +9,24 @@ from __future__ import annotations
 import logging
 import time
 from functools import cached_property
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import FluxPipeline
-from huggingface_hub import try_to_load_from_cache
 
 from refiner import Refiner, load_refiner
 from shared.contract import Quality
 from shared.presets import Preset, get_preset
 from shared.settings import Settings
 from worker.free_model import NoopPipeline
-from worker.models import lent_components, load_pipeline, make_batch_invariant, resolve_device, resolve_dtype, warm_up
+from worker.models import lent_components, load_pipeline, resolve_device, resolve_dtype, source_of, warm_up
 from worker.quality import QualityMonitor
-from worker.tiny_flux import ensure_tiny_pipeline_saved
 
 logger = logging.getLogger(__name__)
+
+# The pipelines a registry keeps (its cached properties of these names), which handlers
+# name as the ones they need resident.
+ResidentPipeline = Literal["pipeline", "teacher"]
 
 
 class ModelRegistry:
@@ -67,8 +68,8 @@ class ModelRegistry:
             cpu_offload=self.settings.cpu_offload,
             vae_tiling=self.settings.vae_tiling,
         )
-        if self.batch_invariant and not preset.free:  # the free model has nothing to make invariant
-            make_batch_invariant(pipe)
+        if self.batch_invariant:
+            source_of(preset).make_batch_invariant(pipe)
         self.load_seconds[preset.name] = round(time.perf_counter() - started, 3)
         logger.info(
             "loaded %s on %s (%s) in %.1f s", preset.name, self.device, self.dtype, self.load_seconds[preset.name]
@@ -83,18 +84,20 @@ class ModelRegistry:
         logger.info("loaded refiner %s", refiner.version)
         return refiner
 
-    def refine(self, images: torch.Tensor) -> tuple[torch.Tensor, list[Quality]]:
-        """(B, 3, H, W) in [0, 1] -> refined, and each image's judged detail ratio. One call
-        (or one per image when batch-invariant, since convolution algorithms are chosen by
-        batch size)."""
+    def refine(self, images: torch.Tensor) -> tuple[torch.Tensor, list[Quality], str]:
+        """(B, 3, H, W) in [0, 1] -> refined, each image's judged detail ratio, and the
+        version of the refiner that ran. One call (or one per image when batch-invariant,
+        since convolution algorithms are chosen by batch size). Handlers reach the refiner
+        only through here."""
         if self.batch_invariant and len(images) > 1:  # one image is one call already: no copy
             parts = [self.refiner.refine_and_score(image) for image in images.split(1)]
             refined, ratios = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         else:
             refined, ratios = self.refiner.refine_and_score(images)
-        return refined, [self.quality.judge(self.refiner.version, ratio) for ratio in ratios.tolist()]
+        version = self.refiner.version
+        return refined, [self.quality.judge(version, ratio) for ratio in ratios.tolist()], version
 
-    def warm_up(self, pipelines: set[str]) -> None:
+    def warm_up(self, pipelines: set[ResidentPipeline]) -> None:
         """Load (and run once) the pipelines this worker's job kinds use ("pipeline",
         "teacher") and the refiner, before it consumes."""
         for name, preset in (("pipeline", self.preset), ("teacher", self.teacher_preset)):
@@ -114,29 +117,16 @@ class ModelRegistry:
             # Preset -> the local directory its weights load from (None: not cached, so a
             # restart downloads them again), for `refinery doctor`.
             "weights": {
-                preset.name: _weights_dir(preset, path, self.settings.model_cache_dir)
-                for name, preset, path in (
+                name: where
+                for attribute, preset, path in (
                     ("pipeline", self.preset, self.settings.model_path),
                     ("teacher", self.teacher_preset, self.settings.teacher_path),
                 )
-                # Those this worker loaded (cached_property); the free model has no weights.
-                if name in self.__dict__ and not preset.free
+                if attribute in self.__dict__  # those this worker loaded (cached_property)
+                for name, where in source_of(preset).weights(preset, path, self.settings.model_cache_dir).items()
             },
         }
         if self.device.type == "cuda":
             info["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
             info["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.device)
         return info
-
-
-def _weights_dir(preset: Preset, model_path: str | None, cache_dir: Path) -> str | None:
-    """Where ``load_pipeline`` finds ``preset``'s weights on this host, if they are there."""
-    if preset.tiny:
-        return str(ensure_tiny_pipeline_saved(preset.name, cache_dir))
-    source = model_path or preset.model_id
-    assert source is not None, "real presets name their hub id"
-    if Path(source).is_dir():
-        return str(Path(source).resolve())
-    # The hub cache (HF_HOME) holds a snapshot per revision; model_index.json is its root.
-    cached = try_to_load_from_cache(source, "model_index.json")
-    return str(Path(cached).parent) if isinstance(cached, str) else None

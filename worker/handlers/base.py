@@ -1,7 +1,7 @@
 """What every job kind's handler provides, and the image publishing two of them share.
 
-The lifecycle (``worker/lifecycle.py``) claims a job, then asks its kind's handler to
-``prepare`` it (checks, inputs, and the batch key that says which jobs may share a model
+A kind's declaration (``shared.contract.JobKind``) names its handler. The lifecycle
+(``worker/lifecycle.py``) claims a job, then asks its kind's handler to ``prepare`` it (checks, inputs, and the batch key that says which jobs may share a model
 call), hands the item to the batcher, which calls ``run_batch`` on the model thread, and
 finally, unless the job was cancelled meanwhile, asks the handler to ``publish`` it.
 """
@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
 from refiner.pixels import to_pil
-from shared.contract import JobKind, JobRecord, JobResult, Quality
+from shared.contract import JobRecord, JobResult, JobSpec, Quality
 from shared.images import CONTENT_TYPES, EXTENSIONS, Provenance, encode_image
 from shared.objects import ObjectStore
 from shared.settings import Settings
-from worker.registry import ModelRegistry
+from worker.registry import ModelRegistry, ResidentPipeline
 from worker.timing import StageTimer
 
 
@@ -39,10 +39,16 @@ class Published:
     quality: Quality | None = None
 
 
-class JobHandler(ABC):
-    kind: ClassVar[JobKind]
+SpecT = TypeVar("SpecT", bound=JobSpec)
+
+
+class JobHandler(ABC, Generic[SpecT]):
+    """The handler of the kind whose spec is ``SpecT``: the lifecycle hands it only that
+    kind's jobs, with their spec typed as such."""
+
     Key: ClassVar[type[BatchKey]]
-    pipelines: ClassVar[tuple[str, ...]]  # the registry's pipelines it uses: "pipeline", "teacher"
+    # The registry's pipelines it needs resident (ModelRegistry.warm_up).
+    pipelines: ClassVar[tuple[ResidentPipeline, ...]]
 
     def __init__(self, models: ModelRegistry, storage: ObjectStore, settings: Settings) -> None:
         self.models = models
@@ -55,7 +61,7 @@ class JobHandler(ABC):
         return None
 
     @abstractmethod
-    def prepare(self, record: JobRecord, timer: StageTimer) -> tuple[BatchKey, Any]:
+    def prepare(self, record: JobRecord, spec: SpecT, timer: StageTimer) -> tuple[BatchKey, Any]:
         """Check the job against what this worker serves and load its input. Runs in the
         job's own thread; raises ``RefineryError`` for a job that cannot run here."""
 
@@ -65,7 +71,7 @@ class JobHandler(ABC):
         ``timings_ms``. Runs on the batcher's model thread."""
 
     @abstractmethod
-    def publish(self, record: JobRecord, output: Any, timer: StageTimer) -> Published:
+    def publish(self, record: JobRecord, spec: SpecT, output: Any, timer: StageTimer) -> Published:
         """Encode and upload the job's files (its S3 keys derive from the job, so a
         redelivery overwrites rather than duplicates)."""
 
@@ -82,6 +88,7 @@ class ModelOutput:
 def publish_image(
     storage: ObjectStore,
     record: JobRecord,
+    spec: JobSpec,
     output: ModelOutput,
     provenance: Provenance,
     *,
@@ -89,7 +96,7 @@ def publish_image(
     timer: StageTimer,
 ) -> Published:
     """Upload the refined image (or the raw one, when not refined), and the raw one too if asked."""
-    fmt = record.spec.output_format
+    fmt = spec.output_format
     final = output.refined if output.refined is not None else output.raw
     with timer("encode"):
         encoded = {"refined" if output.refiner else "image": encode_image(to_pil(final), fmt, provenance)}

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from shared.contract import GenerateSpec, JobKind, JobRecord
+from shared.contract import GenerateSpec, JobRecord
 from shared.errors import InvalidInput
 from shared.images import TRAINED_ALGORITHMIC_MEDIA, Provenance
 from worker.handlers.base import BatchKey, JobHandler, ModelOutput, Published, publish_image
 from worker.models import generate
+from worker.registry import ResidentPipeline
 from worker.timing import StageTimer
 
 
@@ -26,18 +27,15 @@ class GenerateItem:
     refine: bool
 
 
-class GenerateJob(JobHandler):
-    kind: ClassVar[JobKind] = JobKind.generate_and_refine
-    pipelines: ClassVar[tuple[str, ...]] = ("pipeline",)
+class GenerateJob(JobHandler[GenerateSpec]):
+    pipelines: ClassVar[tuple[ResidentPipeline, ...]] = ("pipeline",)
     Key: ClassVar[type[BatchKey]] = GenerateKey
 
     @property
     def generator(self) -> str:
         return self.models.preset.name
 
-    def prepare(self, record: JobRecord, timer: StageTimer) -> tuple[GenerateKey, GenerateItem]:
-        spec = record.spec
-        assert isinstance(spec, GenerateSpec)  # the lifecycle hands each handler its own kind
+    def prepare(self, record: JobRecord, spec: GenerateSpec, timer: StageTimer) -> tuple[GenerateKey, GenerateItem]:
         preset = self.models.preset
         # The producer checked against its own idea of the preset; this worker knows.
         preset.check_size(spec.width, spec.height)
@@ -63,20 +61,17 @@ class GenerateJob(JobHandler):
                 max_sequence_length=self.models.preset.max_sequence_length,
             )  # (B, 3, H, W)
         wanted = [i for i, item in enumerate(items) if item.refine]
-        refined, quality = {}, {}
+        refined, quality, version = {}, {}, None
         if wanted:
             with timer("refine"):
-                outputs, judged = self.models.refine(images[wanted])
+                outputs, judged, version = self.models.refine(images[wanted])
             refined, quality = dict(zip(wanted, outputs, strict=True)), dict(zip(wanted, judged, strict=True))
-        version = self.models.refiner.version
         return [
             ModelOutput(images[i], refined.get(i), version if i in refined else None, quality.get(i), timer.ms)
             for i in range(len(items))
         ]
 
-    def publish(self, record: JobRecord, output: ModelOutput, timer: StageTimer) -> Published:
-        spec = record.spec
-        assert isinstance(spec, GenerateSpec)  # the lifecycle hands each handler its own kind
+    def publish(self, record: JobRecord, spec: GenerateSpec, output: ModelOutput, timer: StageTimer) -> Published:
         provenance = Provenance(
             job_id=record.job_id,
             generator=self.generator,
@@ -84,4 +79,4 @@ class GenerateJob(JobHandler):
             seed=record.seed,
             digital_source_type=TRAINED_ALGORITHMIC_MEDIA,
         )
-        return publish_image(self.storage, record, output, provenance, keep_raw=spec.keep_raw, timer=timer)
+        return publish_image(self.storage, record, spec, output, provenance, keep_raw=spec.keep_raw, timer=timer)

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from refiner.pixels import to_pil
-from shared.contract import JobKind, JobRecord, JobResult, OutputFormat, PairSpec, parse_s3_uri
+from shared.contract import JobRecord, JobResult, OutputFormat, PairSpec, parse_s3_uri
 from shared.datasets import PAIR_IMAGES, ManifestRow, PresetRow, pair_uris
 from shared.errors import InvalidInput
 from shared.images import CONTENT_TYPES, TRAINED_ALGORITHMIC_MEDIA, Provenance, encode_image
@@ -17,6 +17,7 @@ from shared.presets import Preset
 from worker.handlers.base import BatchKey, JobHandler, Published
 from worker.handlers.generate import GenerateItem
 from worker.models import generate
+from worker.registry import ResidentPipeline
 from worker.timing import StageTimer
 
 
@@ -32,18 +33,15 @@ class PairOutput:
     batch_size: int  # images in the model call that made these
 
 
-class PairJob(JobHandler):
-    kind: ClassVar[JobKind] = JobKind.pair
-    pipelines: ClassVar[tuple[str, ...]] = ("pipeline", "teacher")
+class PairJob(JobHandler[PairSpec]):
+    pipelines: ClassVar[tuple[ResidentPipeline, ...]] = ("pipeline", "teacher")
     Key: ClassVar[type[BatchKey]] = PairKey
 
     @property
     def presets(self) -> dict[str, Preset]:
         return {"student": self.models.preset, "teacher": self.models.teacher_preset}
 
-    def prepare(self, record: JobRecord, timer: StageTimer) -> tuple[PairKey, GenerateItem]:
-        spec = record.spec
-        assert isinstance(spec, PairSpec)  # the lifecycle hands each handler its own kind
+    def prepare(self, record: JobRecord, spec: PairSpec, timer: StageTimer) -> tuple[PairKey, GenerateItem]:
         for role, preset in self.presets.items():
             if getattr(spec, role) != preset.name:
                 raise InvalidInput(f"this worker serves {preset.name!r}, not {getattr(spec, role)!r}", field=role)
@@ -72,9 +70,7 @@ class PairJob(JobHandler):
             PairOutput({role: images[role][i] for role in PAIR_IMAGES}, timer.ms, len(items)) for i in range(len(items))
         ]
 
-    def publish(self, record: JobRecord, output: PairOutput, timer: StageTimer) -> Published:
-        spec = record.spec
-        assert isinstance(spec, PairSpec)  # the lifecycle hands each handler its own kind
+    def publish(self, record: JobRecord, spec: PairSpec, output: PairOutput, timer: StageTimer) -> Published:
         with timer("encode"):
             encoded = {
                 role: encode_image(

@@ -8,9 +8,10 @@ from typing import ClassVar
 import torch
 
 from refiner.pixels import to_tensor
-from shared.contract import JobKind, JobRecord, RefineSpec
+from shared.contract import JobRecord, RefineSpec
 from shared.images import ALGORITHMICALLY_ENHANCED, Provenance, decode_image
 from worker.handlers.base import BatchKey, JobHandler, ModelOutput, Published, publish_image
+from worker.registry import ResidentPipeline
 from worker.timing import StageTimer
 
 
@@ -19,14 +20,11 @@ class RefineKey(BatchKey):
     pass
 
 
-class RefineJob(JobHandler):
-    kind: ClassVar[JobKind] = JobKind.refine_only
-    pipelines: ClassVar[tuple[str, ...]] = ()
+class RefineJob(JobHandler[RefineSpec]):
+    pipelines: ClassVar[tuple[ResidentPipeline, ...]] = ()
     Key: ClassVar[type[BatchKey]] = RefineKey
 
-    def prepare(self, record: JobRecord, timer: StageTimer) -> tuple[RefineKey, torch.Tensor]:
-        spec = record.spec
-        assert isinstance(spec, RefineSpec)  # the lifecycle hands each handler its own kind
+    def prepare(self, record: JobRecord, spec: RefineSpec, timer: StageTimer) -> tuple[RefineKey, torch.Tensor]:
         limits = {"max_bytes": self.settings.max_input_bytes}
         with timer("load_input"):
             data = self.storage.get(spec.input_uri, **limits)
@@ -36,14 +34,13 @@ class RefineJob(JobHandler):
     def run_batch(self, key: RefineKey, items: list[torch.Tensor]) -> list[ModelOutput]:
         timer = StageTimer()
         with timer("refine"):
-            refined, judged = self.models.refine(torch.stack(items))
-        version = self.models.refiner.version
+            refined, judged, version = self.models.refine(torch.stack(items))
         return [
             ModelOutput(raw, out, version, quality, timer.ms)
             for raw, out, quality in zip(items, refined, judged, strict=True)
         ]
 
-    def publish(self, record: JobRecord, output: ModelOutput, timer: StageTimer) -> Published:
+    def publish(self, record: JobRecord, spec: RefineSpec, output: ModelOutput, timer: StageTimer) -> Published:
         provenance = Provenance(
             job_id=record.job_id,
             generator=None,
@@ -51,4 +48,4 @@ class RefineJob(JobHandler):
             seed=record.seed,
             digital_source_type=ALGORITHMICALLY_ENHANCED,
         )
-        return publish_image(self.storage, record, output, provenance, keep_raw=False, timer=timer)
+        return publish_image(self.storage, record, spec, output, provenance, keep_raw=False, timer=timer)

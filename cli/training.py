@@ -1,6 +1,13 @@
-"""Refiner commands: train and eval, with an s3:// dataset mirrored to a local directory
-first (the ML side reads local directories only). Every other option passes through to
-the argparse interfaces of `refiner.train` and `refiner.evaluate`, `--help` included."""
+"""Refiner training and evaluation: `train` and `eval`, with an s3:// dataset mirrored to a
+local directory first (the ML side reads local directories only, and imports no S3 client).
+Every other option passes through to the argparse interfaces of `refiner.train` and
+`refiner.evaluate`, `--help` included.
+
+On several processes or GPUs, `accelerate launch` runs the same command, so it takes the
+same `--data`:
+
+    accelerate launch [--multi_gpu --num_processes N ...] -m cli train --data s3://... --out DIR
+"""
 
 from __future__ import annotations
 
@@ -35,7 +42,22 @@ def _local_data(ctx: click.Context, param: click.Parameter, data: str | None) ->
     return str(mirror_dataset(data))
 
 
-_data_option = click.option("--data", callback=_local_data, help="s3://bucket/prefix or a local dataset directory.")
+def _local_data_once_per_machine(ctx: click.Context, param: click.Parameter, data: str | None) -> str | None:
+    """`_local_data` for training, which may run as several processes (`accelerate launch`),
+    each parsing the same `--data`: the first process on each machine mirrors, the others
+    wait for it to finish, then find every pair already there instead of writing the same
+    files at once."""
+    if data is None or not data.startswith("s3://"):
+        return data
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # The state `Accelerator()` will find: on CPUs when launched with --cpu, as it reads it.
+    with PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).local_main_process_first():
+        return _local_data(ctx, param, data)
+
+
+_HELP = "s3://bucket/prefix or a local dataset directory."
 
 
 def refiner_argv(ctx: click.Context) -> list[str]:
@@ -45,18 +67,18 @@ def refiner_argv(ctx: click.Context) -> list[str]:
 
 
 @click.command(context_settings=_PASS_THROUGH)
-@_data_option
+@click.option("--data", callback=_local_data_once_per_machine, help=_HELP)
 @click.pass_context
 def train(ctx: click.Context, data: str | None) -> None:
     """Train a refiner: --data s3://...|DIR --arch unet-cbam|cyclegan|esa-cyclegan --out DIR [...]
-    (all options: refinery train --help). Runs under `accelerate launch` too."""
+    (all options: refinery train --help). On several processes: accelerate launch -m cli train ..."""
     from refiner.train import main as train_main
 
     sys.exit(_run(train_main, refiner_argv(ctx)))
 
 
 @click.command("eval", context_settings=_PASS_THROUGH)
-@_data_option
+@click.option("--data", callback=_local_data, help=_HELP)
 @click.pass_context
 def evaluate(ctx: click.Context, data: str | None) -> None:
     """Evaluate a refiner against the teacher: --data s3://...|DIR --refiner DIR [--out DIR] [...]

@@ -1,0 +1,1 @@
+"""The HTTP gateway (`refinery gateway`): tenants, quotas and the job contract over HTTP."""
