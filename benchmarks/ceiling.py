@@ -3,7 +3,7 @@
     python benchmarks/ceiling.py [--quick] [--label after] [--formats png,webp,jpeg]
 
 A private stack (redis-server, moto's S3 server, one ``refinery worker``) runs the free
-model (``REFINERY_MODEL_PRESET=noop``, ``REFINERY_REFINER_PATH=noop``), so every figure is
+model (``REFINERY_MODEL_PRESET=noop``, ``REFINERY_REFINER=noop``), so every figure is
 the production path's own cost: batcher, decode, tensor conversions, encode, S3, Redis.
 All of a job's worker CPU is then outside the model.
 For generate and refine-only jobs at 64, 512 and 1024 px in each output format it reports
@@ -256,7 +256,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="refinery-ceiling-") as tmp:
         # Batch invariance off, as "auto" leaves it on a GPU: on CPU it refines one image
         # at a time and concatenates the results, copies a GPU worker does not make.
-        with LocalStack(Path(tmp), preset="noop", refiner_path=NOOP, batch_invariant="off") as stack:
+        with LocalStack(Path(tmp), preset="noop", refiner=NOOP, batch_invariant="off") as stack:
             ceiling = Ceiling(stack)
             rows = [(kind, size, fmt) for size in sizes for kind in KINDS for fmt in formats]
             run["rows"] = []

@@ -1,5 +1,5 @@
 """The ``refinery`` command line: jobs and pair datasets through the producer, workers,
-refiner training and evaluation, and the local demo.
+refiner training, evaluation and rollout, and the local demo.
 
 With ``--json`` a job command prints exactly one JSON object, the job record. Errors go to
 stderr as ``error [code] field: message`` with exit status 2 (3 for a wait that timed out).
@@ -14,7 +14,7 @@ import click
 import redis
 from kombu.exceptions import OperationalError
 
-from cli import demo, doctor, gateway, jobs, pairs, training, worker
+from cli import demo, doctor, gateway, jobs, pairs, refiner, training, worker
 from cli.common import EXIT_ERROR
 from shared.errors import BrokerUnavailable, InvalidInput, RefineryError
 
@@ -62,6 +62,7 @@ for command in (
     pairs.pairs,
     training.train,
     training.evaluate,
+    refiner.refiner,
     worker.worker,
     worker.node,
     worker.workers,

@@ -33,6 +33,8 @@ def _show(record: JobRecord, as_json: bool) -> None:
     if record.result:
         table.add_row("result", record.result.uri)
         table.add_row("url", record.result.url or "")
+    if record.refiner:
+        table.add_row("refiner", record.refiner)
     if record.error:
         table.add_row("error", f"{record.error.code}: {record.error.message}")
     if record.timings_ms:
@@ -67,6 +69,9 @@ def _job_options(command):
             ),
             click.option(
                 "--deadline", "deadline_s", type=SECONDS, help="Seconds; still queued by then: fails 'expired'."
+            ),
+            click.option(
+                "--refiner-version", help="Run this published refiner (NAME@VERSION), not the one its channels draw."
             ),
             click.option("--wait", is_flag=True, help="Block until the job is finished."),
             click.option("--timeout", type=SECONDS, default=None, help="Seconds to wait at most."),

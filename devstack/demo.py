@@ -52,7 +52,7 @@ def run_demo(*, jobs: int, out: Path, refiner: str, console: Console) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory(prefix="refinery-demo-") as workdir,
-        LocalStack(Path(workdir), refiner_path=refiner) as stack,
+        LocalStack(Path(workdir), refiner=refiner) as stack,
     ):
         settings = stack.settings
         console.log(f"redis-server on :{stack.redis_port}, S3 (moto) on :{stack.s3_port}")

@@ -148,7 +148,7 @@ class LocalStack:
         timeout_s: float = 120,
         callbacks: bool = False,
     ) -> subprocess.Popen:
-        """Start ``refinery worker`` (``env``: settings of its own, e.g. ``REFINERY_REFINER_PATH``)
+        """Start ``refinery worker`` (``env``: settings of its own, e.g. ``REFINERY_REFINER``)
         and return once it announced itself ready. Callbacks run as in production, in a
         worker of their own (``start_worker(name, ["callbacks"])``), unless ``callbacks``
         starts one beside this worker, as a lone ``refinery worker`` does."""

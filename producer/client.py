@@ -32,6 +32,7 @@ from shared.images import decode_image
 from shared.objects import ObjectStore
 from shared.presets import get_preset
 from shared.records import RecordStore
+from shared.refiner_registry import RefinerRegistry, parse_ref
 from shared.routing import send_callback, send_job
 from shared.settings import Settings, get_settings
 
@@ -63,6 +64,10 @@ class Client:
     @cached_property
     def storage(self) -> ObjectStore:
         return ObjectStore(self.settings)
+
+    @cached_property
+    def refiners(self) -> RefinerRegistry:
+        return RefinerRegistry(self.storage)
 
     def submit_generate(self, prompt: str, *, tenant: str | None = None, **fields: Any) -> JobHandle:
         """Queue a generate-and-refine job; see ``shared.contract.GenerateSpec`` for the fields."""
@@ -124,6 +129,9 @@ class Client:
         before anything is written."""
         if spec.callback_url:
             check_callback_url(spec.callback_url, self.settings.callback_allowlist)
+        # A pin must name a published version (the kinds that refine have the field).
+        if pin := getattr(spec, "refiner_version", None):
+            self.refiners.get(*parse_ref(pin, field="refiner_version"))
         self._admit(self.settings.queue(spec.kind))
 
     def _submit(

@@ -218,6 +218,11 @@ def _worker(name: str, info: dict[str, object], alive: bool) -> Check:
     if info.get("role") == "callbacks" or "preset" not in info:
         return Check(check, "ok", f"{serves}: delivers callbacks")
     facts = f"{serves}: preset {info['preset']}, refiner {info.get('refiner')}, device {info.get('device')}"
+    refused = info.get("refiner_failures")
+    if isinstance(refused, dict) and refused:
+        # A version the channels name that this worker will not serve (altered bytes, a load error).
+        why = "; ".join(f"{ref}: {reason}" for ref, reason in refused.items())
+        return Check(check, "fail", f"{facts}; refuses to serve {why}")
     weights = info.get("weights")
     if not isinstance(weights, dict):
         return Check(check, "ok", f"{facts}; weights cache not reported by this worker")

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from refiner.baseline import apply_affine, fit_affine
 from refiner.data import PairDataset, batched_pairs
-from refiner.export import CARD_NAME, Refiner, load_refiner, read_card
+from refiner.export import CARD_NAME, Refiner, load_refiner, read_card, record_evaluation
 from refiner.extractors import build_extractor
 from refiner.metrics import (
     FREQUENCIES,
@@ -323,6 +323,19 @@ def evaluate(
         "cutoff": HF_CUTOFF,
     }
     write_report(out / "report.md", metrics, context)
+    if refiner is not None and Path(refiner, CARD_NAME).is_file():
+        # What `refinery refiner publish` requires and `refinery refiner list` shows.
+        record_evaluation(
+            Path(refiner),
+            {
+                "split": split,
+                "pairs": count,
+                "detail_ratio": metrics["detail"]["refined_hf_ratio"],
+                "gap_closed": gap_closed,
+                "l1_vs_student": _ratio(mean["refined_l1"], mean["student_l1"]),
+                "metrics": str(out.resolve() / "metrics.json"),
+            },
+        )
     logger.info("wrote %s (metrics.json, report.md, spectrum.png, samples.png)", out)
     return metrics
 

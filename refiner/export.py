@@ -5,7 +5,8 @@
     <dir>/refiner.json                         the card: architecture, training data, metrics
 
 Training writes the directory (`export_refiner`); evaluation reads the card (`read_card`) to
-score on the split training held out; the worker serves the weights (`load_refiner`).
+score on the split training held out, and adds its headline scores to it (`record_evaluation`),
+which `refinery refiner publish` requires; the worker serves the weights (`load_refiner`).
 """
 
 from __future__ import annotations
@@ -138,3 +139,10 @@ def read_card(directory: str | Path | None) -> dict[str, Any]:
     """The card of the refiner in `directory`; `{}` for the identity or a directory without one."""
     path = Path(directory) / CARD_NAME if directory is not None else None
     return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def record_evaluation(directory: Path, evaluation: dict[str, Any]) -> None:
+    """Put an evaluation's headline scores in the card, as its `evaluation` block (the
+    weights, so the version, are untouched)."""
+    card = read_card(directory)
+    (directory / CARD_NAME).write_text(json.dumps({**card, "evaluation": evaluation}, indent=2))

@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,12 @@ class CanaryRule:
     z: float = 3.5
     flag_margin: float = 0.05
     detail_margin: float = 0.05
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CanaryRule:
+        return cls(
+            settings.canary_min_jobs, settings.canary_z, settings.canary_flag_margin, settings.canary_detail_margin
+        )
 
     def verdict(self, stable: Tally, canary: Tally) -> str | None:
         """Why the canary is worse than stable, or None while it is not (or too few jobs)."""

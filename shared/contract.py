@@ -29,6 +29,10 @@ MAX_METADATA_CHARS = 8192
 # Nesting levels of metadata: the record's JSON serializer gives up near 255, after the
 # job was accepted; refused here instead, with the field named.
 MAX_METADATA_DEPTH = 32
+# A published refiner version, NAME@VERSION: the version is the first 12 hex digits of its
+# weights' SHA-256 (shared/refiner_registry.py).
+REFINER_NAME = r"[a-z0-9][a-z0-9._-]{0,63}"
+REFINER_VERSION = r"[0-9a-f]{12}"
 
 
 class JobState(StrEnum):
@@ -132,6 +136,8 @@ class GenerateSpec(JobSpec):
     guidance: float | None = Field(None, ge=0, le=20)
     refine: bool = True
     keep_raw: bool = False
+    # Run this published refiner version instead of the one the channels draw (NAME@VERSION).
+    refiner_version: str | None = Field(None, pattern=rf"^{REFINER_NAME}@{REFINER_VERSION}$")
 
     @field_validator("prompt")
     @classmethod
@@ -140,12 +146,19 @@ class GenerateSpec(JobSpec):
             raise ValueError("must contain non-whitespace characters")
         return prompt
 
+    @model_validator(mode="after")
+    def _pin_needs_refine(self) -> GenerateSpec:
+        if self.refiner_version is not None and not self.refine:
+            raise ValueError("refiner_version names a refiner for a job with refine=false")
+        return self
+
 
 class RefineSpec(JobSpec):
     kind: Literal["refine_only"] = "refine_only"
     # Inline images are uploaded by the producer to the job's own prefix at submit time,
     # so the spec the worker sees always names an S3 object.
     input_uri: str
+    refiner_version: str | None = Field(None, pattern=rf"^{REFINER_NAME}@{REFINER_VERSION}$")
 
     @field_validator("input_uri")
     @classmethod

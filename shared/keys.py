@@ -35,6 +35,11 @@ def refiner_channels_key(name: str) -> str:
     return f"{PREFIX}:refiner:{name}"
 
 
+def refiner_revision_key(name: str) -> str:
+    """The channels' revision alone, which workers read for every job (a few bytes)."""
+    return f"{PREFIX}:refiner:{name}:revision"
+
+
 def refiner_tally_key(name: str, epoch: int) -> str:
     return f"{PREFIX}:refiner:{name}:tally:{epoch}"
 

@@ -53,7 +53,7 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-dev", "offline-double", None, 28, 3.5, 77, MIN_SIZE_TINY),
         # A larger random-weight schnell double, sized for the throughput benchmark.
         Preset("bench-schnell", "offline-double", None, 4, 0.0, 77, MIN_SIZE_TINY),
-        # The free model; REFINERY_REFINER_PATH=noop is its refiner.
+        # The free model; REFINERY_REFINER=noop is its refiner.
         Preset("noop", "free", None, 1, 0.0, 77, MIN_SIZE_TINY),
     )
 }

@@ -5,6 +5,7 @@ One Redis document per name, changed only inside WATCH/MULTI transactions, so a 
 from the CLI and an automatic rollback by a worker cannot both win::
 
     refinery:refiner:<name>                 Channels (JSON), history included
+    refinery:refiner:<name>:revision        its revision alone, read by workers for every job
     refinery:refiner:<name>:tally:<epoch>   hash: "<version>:jobs|flagged|sum|sum_sq"
 
 A canary's epoch is the revision that made it canary: tallies restart with every canary, so
@@ -98,6 +99,10 @@ class ChannelStore:
         if raw is None:
             raise UnknownRefiner(f"refiner {name!r} has no channels: promote a version first", field="name")
         return Channels.model_validate_json(raw)
+
+    def revision(self, name: str) -> int | None:
+        raw = self.redis.get(keys.refiner_revision_key(name))
+        return int(raw) if raw is not None else None
 
     def find(self, name: str) -> Channels | None:
         try:
@@ -205,6 +210,7 @@ class ChannelStore:
             if channels.revision != revision:
                 pipe.multi()
                 pipe.set(key, channels.model_dump_json())
+                pipe.set(keys.refiner_revision_key(name), channels.revision)
 
         self.redis.transaction(attempt, key)
         return result[0]

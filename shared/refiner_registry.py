@@ -28,7 +28,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel
 
-from shared.contract import utcnow
+from shared.contract import REFINER_NAME, REFINER_VERSION, utcnow
 from shared.errors import InvalidInput, RefinerConflict, RefinerUnavailable, StorageUnavailable, UnknownRefiner
 from shared.objects import ObjectStore
 
@@ -39,10 +39,10 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CARD_NAME = "refiner.json"
 FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 MANIFEST_NAME = "published.json"
-VERSION_DIGITS = 12
+VERSION_DIGITS = 12  # as REFINER_VERSION says
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_VERSION = re.compile(rf"^[0-9a-f]{{{VERSION_DIGITS}}}$")
+_NAME = re.compile(rf"^{REFINER_NAME}$")
+_VERSION = re.compile(rf"^{REFINER_VERSION}$")
 
 
 def check_name(name: str) -> str:

@@ -78,7 +78,10 @@ class Settings(BaseSettings):
     model_path: str | None = None
     # Where tiny presets are built once and loaded from (FluxPipeline.from_pretrained).
     model_cache_dir: Path = Path.home() / ".cache" / "face-refinery"
-    refiner_path: Path | None = None
+    # The refiner: a directory (safetensors + config.json), "identity" (unset: returns its
+    # input), "noop" (the free model's), or "registry:NAME" to serve the versions of NAME that
+    # its channels name, followed while the worker runs (`refinery refiner`, docs/refiner.md).
+    refiner: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # For GPUs smaller than the model: move each component to the GPU only while it runs,
@@ -162,6 +165,21 @@ class Settings(BaseSettings):
     quality_window: int = Field(1000, ge=2)
     quality_min_samples: int = Field(50, ge=2)
 
+    # Refiner rollout (REFINERY_REFINER=registry:NAME). Workers read NAME's channels every
+    # refiner_poll_s and keep at most refiner_max_resident versions loaded (stable and canary
+    # always). A canary is rolled back once it and stable each have canary_min_jobs marks and
+    # its flagged rate is above stable's by more than canary_flag_margin, or its mean detail
+    # ratio below stable's by more than canary_detail_margin (relative), at canary_z standard
+    # errors (shared/canary.py; benchmarks/canary_rule.py measures the false-alarm rate).
+    # refiner_events_url receives a signed `refiner.rolled_back` webhook.
+    refiner_poll_s: float = Field(2.0, gt=0)
+    refiner_max_resident: int = Field(3, ge=2)
+    refiner_events_url: str | None = None
+    canary_min_jobs: int = Field(50, ge=2)
+    canary_z: float = Field(3.5, gt=0)
+    canary_flag_margin: float = Field(0.05, ge=0)
+    canary_detail_margin: float = Field(0.05, ge=0)
+
     # The HTTP gateway (`refinery gateway`, producer/gateway): where it listens, how many
     # uvicorn worker processes it runs, the most jobs one POST /v1/jobs:batch admits and
     # the largest request body it reads. A key made without --rate / --max-queued gets the
@@ -210,10 +228,15 @@ class Settings(BaseSettings):
         """Jobs a model worker holds at once: one batch running while the next one gathers."""
         return 2 * max([self.max_batch, *self.max_batch_by_size.values()])
 
-    @field_validator("model_cache_dir", "refiner_path", mode="after")
+    @field_validator("model_cache_dir", mode="after")
     @classmethod
-    def _expand_home(cls, path: Path | None) -> Path | None:
-        return path.expanduser() if path else None
+    def _expand_home(cls, path: Path) -> Path:
+        return path.expanduser()
+
+    @field_validator("refiner", mode="after")
+    @classmethod
+    def _expand_refiner_home(cls, refiner: str | None) -> str | None:
+        return str(Path(refiner).expanduser()) if refiner and refiner.startswith("~") else refiner
 
     @property
     def readable_buckets(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""The free model (``REFINERY_MODEL_PRESET=noop``, ``REFINERY_REFINER_PATH=noop``) through a
+"""The free model (``REFINERY_MODEL_PRESET=noop``, ``REFINERY_REFINER=noop``) through a
 real worker: the production path with no model cost, which ``benchmarks/ceiling.py`` times."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
-    with LocalStack(tmp_path_factory.mktemp("ceiling"), preset="noop", refiner_path=NOOP) as stack:
+    with LocalStack(tmp_path_factory.mktemp("ceiling"), preset="noop", refiner=NOOP) as stack:
         stack.start_worker("worker")
         yield Client(stack.settings)
 

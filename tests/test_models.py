@@ -207,7 +207,7 @@ def test_the_free_model_answers_what_the_worker_asks_of_a_pipeline(tmp_path):
         _env_file=None,
         model_preset="noop",
         teacher_preset="noop",
-        refiner_path="noop",
+        refiner="noop",
         batch_invariant="on",
         model_cache_dir=tmp_path,
     )

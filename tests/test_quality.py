@@ -85,7 +85,7 @@ def test_a_blurring_refiner_is_flagged_through_a_real_worker(client, tmp_path, b
     data = io.BytesIO()
     source.save(data, "PNG")
     with LocalStack(tmp_path) as stack:
-        stack.start_worker("broken", metrics_port=port, env={"REFINERY_REFINER_PATH": str(blurring_refiner_dir)})
+        stack.start_worker("broken", metrics_port=port, env={"REFINERY_REFINER": str(blurring_refiner_dir)})
         stack.start_worker("callbacks", [stack.settings.queue_callbacks])
         broken = Client(stack.settings)
         refined = broken.submit_refine(image=data.getvalue(), callback_url=receiver.url).wait(60)

@@ -1,7 +1,7 @@
 """The refiner's whole life at CI size, through the real system.
 
 Pairs come from a real pairs worker (tiny-schnell and tiny-dev resident), `refinery train`
-and `refinery eval` run as commands, and a worker started with `REFINERY_REFINER_PATH`
+and `refinery eval` run as commands, and a worker started with `REFINERY_REFINER`
 serves each exported refiner. The acceptance run of the same path (4,096 pairs at 64 px,
 10 minutes of training, 3 seeds) is `benchmarks/refiner_pipeline.py`; this one is sized for
 CI and holds the refiner to the acceptance run's L1 and FID bounds, with a looser detail
@@ -60,10 +60,10 @@ def _pixels(png: bytes) -> torch.Tensor:
 
 
 def _check_served(stack: LocalStack, refiner_dir: Path, data: Path) -> None:
-    """A worker started with REFINERY_REFINER_PATH=refiner_dir returns, for a held-out student
+    """A worker started with REFINERY_REFINER=refiner_dir returns, for a held-out student
     image, what the refiner computes in this process: the exported weights are the served ones."""
     name = f"serve-{refiner_dir.parent.name}"
-    stack.start_worker(name, [stack.settings.queue("refine_only")], env={"REFINERY_REFINER_PATH": str(refiner_dir)})
+    stack.start_worker(name, [stack.settings.queue("refine_only")], env={"REFINERY_REFINER": str(refiner_dir)})
     try:
         client = Client(stack.settings)
         student_png = (data / "pairs" / "0000007" / "student.png").read_bytes()
@@ -121,6 +121,15 @@ def test_paired_refiner_beats_the_student_and_a_worker_serves_it(life) -> None:
         == len(list((data / "manifest").glob("*.json")))
         - json.loads((run / "refiner" / "refiner.json").read_text())["data"]["train_pairs"]
     )
+    # Evaluation put its headline scores in the card, so the refiner can be published as it is.
+    evaluation = json.loads((run / "refiner" / "refiner.json").read_text())["evaluation"]
+    assert evaluation["detail_ratio"] == detail["refined_hf_ratio"] and evaluation["gap_closed"] == fid["gap_closed"]
+    assert evaluation["l1_vs_student"] == pytest.approx(refined / student)
+    published = stack.refinery("refiner", "publish", run / "refiner", "--name", "life", "--json")
+    assert published.returncode == 0, published.stderr
+    listed = json.loads(stack.refinery("refiner", "list", "life", "--json").stdout)
+    assert (listed["version"], listed["evaluated"]) == (json.loads(published.stdout)["version"], True)
+    assert listed["metrics"]["gap_closed"] == fid["gap_closed"]
     _check_served(stack, run / "refiner", data)
 
 

@@ -61,7 +61,7 @@ def test_default_parameter_count_is_small() -> None:
     assert 300_000 < count < 2_000_000
 
 
-@pytest.mark.parametrize("path", [None, "identity"])  # unset, or REFINERY_REFINER_PATH=identity
+@pytest.mark.parametrize("path", [None, "identity"])  # unset, or REFINERY_REFINER=identity
 def test_identity_when_no_weights(images: torch.Tensor, path: str | None) -> None:
     refiner = load_refiner(path)
     assert refiner.version == "identity"

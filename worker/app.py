@@ -85,9 +85,10 @@ def make_app(
 
     consumers: list[Consumer] = []
     stopped = threading.Event()
+    changed = threading.Event()  # what the worker serves changed: publish now, not at the next beat
 
     def announce(sender: Consumer, **_: object) -> None:
-        """Publish what this worker serves (preset, device, dtype, refiner) for status tools,
+        """Publish what this worker serves (preset, device, dtype, refiners) for status tools,
         and keep publishing it while the worker lives: the record expires with the worker."""
         consumers.append(sender)
         info: dict[str, object] = runner.registry.describe() if runner is not None else {"role": "callbacks"}
@@ -96,19 +97,26 @@ def make_app(
         threading.Thread(target=heartbeat, args=(sender.hostname, info), name="heartbeat", daemon=True).start()
         if runner is not None:
             OrphanSweeper(app, store, settings, list(runner.handlers.by_kind)).start()
+            runner.registry.refiners.start(on_change=changed.set)
 
     def heartbeat(hostname: str, info: dict[str, object]) -> None:
         every_s = settings.worker_heartbeat_s
         while not stopped.is_set():
             try:
                 jobs_done = runner.jobs_done if runner is not None else None
-                store.register_worker(hostname, {**info, "jobs_done": jobs_done}, ttl_s=3 * every_s)
+                # The refiners a worker serves change while it runs (REFINERY_REFINER=registry:...).
+                serving = runner.registry.refiners.describe() if runner is not None else {}
+                store.register_worker(hostname, {**info, **serving, "jobs_done": jobs_done}, ttl_s=3 * every_s)
             except Exception:  # Redis away for a moment: the next beat tries again
                 logger.warning("worker heartbeat failed", exc_info=True)
-            stopped.wait(every_s)
+            changed.wait(every_s)
+            changed.clear()
 
     def retire(sender: Any, **_: object) -> None:
         stopped.set()
+        changed.set()
+        if runner is not None:
+            runner.registry.refiners.stop()
         store.unregister_worker(sender.hostname)
         if runner is not None and runner.batcher.abandoned:
             # Leave now: torch still running on a thread at interpreter exit aborts the process.

@@ -1,6 +1,6 @@
 """The ``noop`` preset's generator: correctly sized images for almost no CPU, so a benchmark
 of the whole system (``benchmarks/ceiling.py``) measures the queue, the codecs and storage
-alone. ``REFINERY_REFINER_PATH=noop`` is its refiner (``refiner.export.NoopRefiner``).
+alone. ``REFINERY_REFINER=noop`` is its refiner (``refiner.export.NoopRefiner``).
 
 Jobs still take the production path: batcher, model thread, publish, encode, upload, record.
 """

@@ -50,6 +50,11 @@ DETAIL_RATIO = Histogram(
     buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 4, 8),
 )
 QUALITY_FLAGGED = Counter("refinery_quality_flagged", "Refined jobs whose detail ratio looked wrong.", ["refiner"])
+REFINER_RESIDENT = Gauge("refinery_refiner_resident", "1 for each refiner version loaded in this worker.", ["refiner"])
+REFINER_FAILURES = Counter(
+    "refinery_refiner_failures", "Refiner versions this worker refused to serve (digest, load).", ["refiner"]
+)
+REFINER_ROLLBACKS = Counter("refinery_refiner_rollbacks", "Canaries this worker rolled back by the rule.", ["name"])
 WORKER = Info("refinery_worker", "What this worker serves.")
 
 _server_lock = threading.Lock()

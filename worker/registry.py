@@ -1,4 +1,4 @@
-"""The models a worker keeps resident: its generator pipeline and the refiner.
+"""The models a worker keeps resident: its generator pipeline and its refiners.
 
 Loaded once per worker process and warmed up before the worker takes jobs; jobs only
 ever borrow them, through the batcher's single model thread.
@@ -14,13 +14,13 @@ from typing import Any, Literal
 import torch
 from diffusers import FluxPipeline
 
-from refiner import Refiner, load_refiner
 from shared.contract import Quality
 from shared.presets import Preset, get_preset
 from shared.settings import Settings
 from worker.free_model import NoopPipeline
 from worker.models import lent_components, load_pipeline, resolve_device, resolve_dtype, source_of, warm_up
 from worker.quality import QualityMonitor
+from worker.refiners import RefinerSource, refiner_source
 
 logger = logging.getLogger(__name__)
 
@@ -77,41 +77,43 @@ class ModelRegistry:
         return pipe
 
     @cached_property
-    def refiner(self) -> Refiner:
+    def refiners(self) -> RefinerSource:
+        """The refiner versions this worker serves (``REFINERY_REFINER``), loaded and warm."""
         started = time.perf_counter()
-        refiner = load_refiner(self.settings.refiner_path, self.device, self.dtype)
+        refiners = refiner_source(self.settings, self.device, self.dtype, warm_side=self.preset.min_size)
         self.load_seconds["refiner"] = round(time.perf_counter() - started, 3)
-        logger.info("loaded refiner %s", refiner.version)
-        return refiner
+        return refiners
 
-    def refine(self, images: torch.Tensor) -> tuple[torch.Tensor, list[Quality], str]:
-        """(B, 3, H, W) in [0, 1] -> refined, each image's judged detail ratio, and the
-        version of the refiner that ran. One call (or one per image when batch-invariant,
-        since convolution algorithms are chosen by batch size). Handlers reach the refiner
-        only through here."""
+    def refine(self, images: torch.Tensor, version: str, drawn: list[bool]) -> tuple[torch.Tensor, list[Quality]]:
+        """(B, 3, H, W) in [0, 1] through refiner ``version`` (``refiners.choose`` gave it) ->
+        refined, and each image's judged detail ratio, which ``drawn`` images (those whose
+        job did not pin the version) add to the version's tally. One call (or one per image
+        when batch-invariant, since convolution algorithms are chosen by batch size).
+        Handlers reach the refiners only through here."""
+        refiner = self.refiners.get(version)
         if self.batch_invariant and len(images) > 1:  # one image is one call already: no copy
-            parts = [self.refiner.refine_and_score(image) for image in images.split(1)]
+            parts = [refiner.refine_and_score(image) for image in images.split(1)]
             refined, ratios = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         else:
-            refined, ratios = self.refiner.refine_and_score(images)
-        version = self.refiner.version
-        return refined, [self.quality.judge(version, ratio) for ratio in ratios.tolist()], version
+            refined, ratios = refiner.refine_and_score(images)
+        judged = [self.quality.judge(version, ratio) for ratio in ratios.tolist()]
+        self.refiners.record(version, [mark for mark, counts in zip(judged, drawn, strict=True) if counts])
+        return refined, judged
 
     def warm_up(self, pipelines: set[ResidentPipeline]) -> None:
         """Load (and run once) the pipelines this worker's job kinds use ("pipeline",
-        "teacher") and the refiner, before it consumes."""
+        "teacher") and the refiners, before it consumes."""
         for name, preset in (("pipeline", self.preset), ("teacher", self.teacher_preset)):
             if name in pipelines:
                 warm_up(getattr(self, name), preset)
-        side = self.preset.min_size
-        self.refiner.refine_and_score(torch.zeros(1, 3, side, side))  # not judged: not a job
+        self.refiners  # noqa: B018 - loads and warms them (a cached property)
 
     def describe(self) -> dict[str, object]:
         info: dict[str, object] = {
             "preset": self.preset.name,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "refiner": self.refiner.version,
+            **self.refiners.describe(),
             "batch_invariant": self.batch_invariant,
             "load_seconds": self.load_seconds,
             # Preset -> the local directory its weights load from (None: not cached, so a

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from shared.contract import GenerateSpec, JobRecord
+import torch
+
+from shared.contract import GenerateSpec, JobRecord, Quality
 from shared.errors import InvalidInput
 from shared.images import TRAINED_ALGORITHMIC_MEDIA, Provenance
 from worker.handlers.base import BatchKey, JobHandler, ModelOutput, Published, publish_image
@@ -24,7 +26,8 @@ class GenerateKey(BatchKey):
 class GenerateItem:
     prompt: str
     seed: int
-    refine: bool
+    refiner: str | None  # the version that refines it, None: not refined
+    drawn: bool  # the job drew its version (not pinned): its mark counts for the canary
 
 
 class GenerateJob(JobHandler[GenerateSpec]):
@@ -43,8 +46,9 @@ class GenerateJob(JobHandler[GenerateSpec]):
             raise InvalidInput("the job record carries no seed", field="seed")
         steps = spec.steps or preset.steps
         guidance = preset.guidance if spec.guidance is None else spec.guidance
+        refiner = self.models.refiners.choose(record.job_id, spec.refiner_version) if spec.refine else None
         return GenerateKey(spec.width, spec.height, steps, guidance), GenerateItem(
-            spec.prompt, record.seed, spec.refine
+            spec.prompt, record.seed, refiner, spec.refiner_version is None
         )
 
     def run_batch(self, key: GenerateKey, items: list[GenerateItem]) -> list[ModelOutput]:
@@ -60,14 +64,20 @@ class GenerateJob(JobHandler[GenerateSpec]):
                 guidance=key.guidance,
                 max_sequence_length=self.models.preset.max_sequence_length,
             )  # (B, 3, H, W)
-        wanted = [i for i, item in enumerate(items) if item.refine]
-        refined, quality, version = {}, {}, None
-        if wanted:
+        # The images share the generator's call; the refiner runs once per version they drew.
+        by_version: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            if item.refiner is not None:
+                by_version.setdefault(item.refiner, []).append(i)
+        refined: dict[int, torch.Tensor] = {}
+        quality: dict[int, Quality] = {}
+        for version, wanted in by_version.items():
             with timer("refine"):
-                outputs, judged, version = self.models.refine(images[wanted])
-            refined, quality = dict(zip(wanted, outputs, strict=True)), dict(zip(wanted, judged, strict=True))
+                outputs, judged = self.models.refine(images[wanted], version, [items[i].drawn for i in wanted])
+            refined.update(zip(wanted, outputs, strict=True))
+            quality.update(zip(wanted, judged, strict=True))
         return [
-            ModelOutput(images[i], refined.get(i), version if i in refined else None, quality.get(i), timer.ms)
+            ModelOutput(images[i], refined.get(i), items[i].refiner, quality.get(i), timer.ms)
             for i in range(len(items))
         ]
 

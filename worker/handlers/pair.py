@@ -48,7 +48,7 @@ class PairJob(JobHandler[PairSpec]):
             preset.check_size(spec.width, spec.height)
         if parse_s3_uri(spec.dataset + "/x")[0] != self.settings.s3_bucket:
             raise InvalidInput(f"datasets are written to the bucket {self.settings.s3_bucket!r} only", field="dataset")
-        return PairKey(spec.width, spec.height), GenerateItem(spec.prompt, spec.seed, refine=False)
+        return PairKey(spec.width, spec.height), GenerateItem(spec.prompt, spec.seed, refiner=None, drawn=False)
 
     def run_batch(self, key: PairKey, items: list[GenerateItem]) -> list[PairOutput]:
         prompts, seeds = [item.prompt for item in items], [item.seed for item in items]

@@ -17,27 +17,35 @@ from worker.timing import StageTimer
 
 @dataclass(frozen=True)
 class RefineKey(BatchKey):
-    pass
+    refiner: str  # the version the jobs run: a batch never mixes two
+
+
+@dataclass(frozen=True)
+class RefineItem:
+    image: torch.Tensor  # (3, H, W)
+    drawn: bool  # the job drew its version (not pinned): its mark counts for the canary
 
 
 class RefineJob(JobHandler[RefineSpec]):
     pipelines: ClassVar[tuple[ResidentPipeline, ...]] = ()
     Key: ClassVar[type[BatchKey]] = RefineKey
 
-    def prepare(self, record: JobRecord, spec: RefineSpec, timer: StageTimer) -> tuple[RefineKey, torch.Tensor]:
+    def prepare(self, record: JobRecord, spec: RefineSpec, timer: StageTimer) -> tuple[RefineKey, RefineItem]:
+        version = self.models.refiners.choose(record.job_id, spec.refiner_version)
         limits = {"max_bytes": self.settings.max_input_bytes}
         with timer("load_input"):
             data = self.storage.get(spec.input_uri, **limits)
             image = to_tensor(decode_image(data, max_pixels=self.settings.max_input_pixels, **limits))  # (3, H, W)
-        return RefineKey(image.shape[-1], image.shape[-2]), image
+        return RefineKey(image.shape[-1], image.shape[-2], version), RefineItem(image, spec.refiner_version is None)
 
-    def run_batch(self, key: RefineKey, items: list[torch.Tensor]) -> list[ModelOutput]:
+    def run_batch(self, key: RefineKey, items: list[RefineItem]) -> list[ModelOutput]:
         timer = StageTimer()
         with timer("refine"):
-            refined, judged, version = self.models.refine(torch.stack(items))
+            images = torch.stack([item.image for item in items])
+            refined, judged = self.models.refine(images, key.refiner, [item.drawn for item in items])
         return [
-            ModelOutput(raw, out, version, quality, timer.ms)
-            for raw, out, quality in zip(items, refined, judged, strict=True)
+            ModelOutput(item.image, out, key.refiner, quality, timer.ms)
+            for item, out, quality in zip(items, refined, judged, strict=True)
         ]
 
     def publish(self, record: JobRecord, spec: RefineSpec, output: ModelOutput, timer: StageTimer) -> Published:
