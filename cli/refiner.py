@@ -62,7 +62,7 @@ def list_versions(name: str | None, as_json: bool) -> None:
             click.echo(version.model_dump_json())
         return
     table = Table()
-    for column in ("version", "channel", "published", "detail ratio", "gap closed", "L1 / student's"):
+    for column in ("version", "channel", "published", "from", "detail ratio", "gap closed", "L1 / student's"):
         table.add_column(column)
     for version in versions:
         metrics = [f"{value:.3f}" if value is not None else "-" for value in version.metrics.values()]
@@ -70,7 +70,8 @@ def list_versions(name: str | None, as_json: bool) -> None:
             version.ref,
             _channel(found[version.name], version.version),
             f"{version.published_at:%Y-%m-%d %H:%M}",
-            *metrics,
+            version.published_from,
+            *(metrics if version.evaluated else ["not evaluated", "", ""]),
         )
     console.print(table)
 

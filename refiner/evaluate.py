@@ -265,6 +265,7 @@ def evaluate(
 
     mean = {key: values.mean().item() for key, values in scores.items()}
     teacher_hf = scores["teacher_hf"].sum().item()
+    refined_hf_ratio = _ratio(scores["refined_hf"].sum().item(), teacher_hf)
     metrics = {
         "paired": {
             "student": {"l1": mean["student_l1"], "psnr": mean["student_psnr"], "ssim": mean["student_ssim"]},
@@ -291,7 +292,7 @@ def evaluate(
         },
         "detail": {
             "student_hf_ratio": _ratio(scores["student_hf"].sum().item(), teacher_hf),
-            "refined_hf_ratio": _ratio(scores["refined_hf"].sum().item(), teacher_hf),
+            "refined_hf_ratio": refined_hf_ratio,
         },
         "cost": {"student_ms": student_ms, "teacher_ms": teacher_ms, "refiner_ms": refiner_ms, "reduction": reduction},
         "bootstrap": {
@@ -330,7 +331,7 @@ def evaluate(
             {
                 "split": split,
                 "pairs": count,
-                "detail_ratio": metrics["detail"]["refined_hf_ratio"],
+                "detail_ratio": refined_hf_ratio,
                 "gap_closed": gap_closed,
                 "l1_vs_student": _ratio(mean["refined_l1"], mean["student_l1"]),
                 "metrics": str(out.resolve() / "metrics.json"),
