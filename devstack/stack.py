@@ -7,6 +7,7 @@ services.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import redis
 
+from shared import keys
 from shared.objects import ObjectStore
 from shared.records import RecordStore
 from shared.routing import default_queues
@@ -166,6 +168,27 @@ class LocalStack:
             log=self.logs / f"{name}.log",
         )
         return process
+
+    def wait_callbacks_settled(self, settings: Settings | None = None, timeout_s: float = 60) -> None:
+        """Wait until every callback message sent so far is delivered or abandoned: the
+        callbacks queue is empty and no delivery is held unacknowledged (a retry waiting out
+        its backoff is held). Called once the expected callbacks arrived, so that a duplicate
+        or a further retry, if the system sent one, has arrived too."""
+        from shared.broker import UNACKED, queue_depth
+        from shared.redis_client import connect
+
+        settings = settings or self.settings  # others: a Sentinel group's (devstack/sentinel.py)
+        client = connect(settings)
+        callbacks = settings.queue_callbacks
+
+        def held() -> int:
+            # kombu keeps each unacknowledged message as JSON [message, exchange, routing key].
+            return sum(json.loads(raw)[0]["headers"]["task"] == keys.TASK_CALLBACK for raw in client.hvals(UNACKED))
+
+        def settled() -> bool:
+            return queue_depth(client, callbacks) == 0 and held() == 0
+
+        wait_until(settled, timeout_s=timeout_s, what="callbacks settled")
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20) -> None:
         process = self.processes.pop(name, None)

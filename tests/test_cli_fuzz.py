@@ -22,6 +22,8 @@ from devstack.stack import LocalStack, free_port
 from producer.client import Client
 from shared.settings import get_settings
 
+pytestmark = pytest.mark.integration
+
 CASE_TIMEOUT_S = 30
 DEEP_JSON = "[" * 5000 + "]" * 5000  # json.loads raises RecursionError, not JSONDecodeError
 UNDECODABLE = b"caf\xe9 \xff\xfe".decode("utf-8", "surrogateescape")  # argv bytes that are not UTF-8

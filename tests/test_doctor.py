@@ -23,6 +23,8 @@ from producer.client import Client
 from shared.contract import GenerateSpec, JobRecord, JobState, utcnow
 from shared.routing import send_callback
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:

@@ -69,7 +69,7 @@ def test_sigterm_finishes_the_batch_on_the_model_and_hands_back_the_rest_at_once
         stack.start_worker("staying")
         records = [client.wait(j, 180) for j in job_ids]
         wait_until(lambda: len(receiver.requests) >= len(job_ids), timeout_s=60, what="callbacks")
-        time.sleep(2)  # room for a duplicate callback to show up, if there were one
+        stack.wait_callbacks_settled()  # a duplicate, if there were one, has arrived too
         keys_written = _objects(stack)
         log = (stack.logs / "leaving.log").read_text()
 

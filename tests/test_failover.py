@@ -154,7 +154,7 @@ def test_primary_killed_mid_run_loses_nothing_and_runs_nothing_twice(tmp_path, r
         producer.thread.join(60)
         during = [h.wait(120) for h in producer.handles]
         wait_until(lambda: len(receiver.requests) >= JOBS, timeout_s=60, what="callbacks")
-        time.sleep(2)  # room for a duplicate callback to show up, if there were one
+        stack.wait_callbacks_settled(ha.settings)  # a duplicate, if there were one, has arrived too
         results = _result_keys(stack)
         worker_log = (stack.logs / "worker.log").read_text()
         finished = time.monotonic() - started

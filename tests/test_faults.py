@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from collections import Counter
 
 import pytest
@@ -56,7 +55,7 @@ def test_worker_killed_mid_batch_loses_nothing_and_runs_nothing_twice(tmp_path, 
 
         records = [j.wait(180) for j in jobs]
         wait_until(lambda: len(receiver.requests) >= len(jobs), timeout_s=60, what="callbacks")
-        time.sleep(2)  # room for a duplicate callback to show up, if there were one
+        stack.wait_callbacks_settled()  # a duplicate, if there were one, has arrived too
         keys_written = _objects(stack)
 
     assert all(r.state is JobState.succeeded for r in records), [r.error for r in records]
@@ -172,7 +171,7 @@ def test_callbacks_retry_with_backoff_and_never_hold_up_jobs(tmp_path, make_rece
         wait_until(lambda: callback(recovering).delivered, timeout_s=60, what="recovered delivery")
         wait_until(lambda: callback(lost).attempts == 4, timeout_s=60, what="all retries")
         wait_until(lambda: callback(hanging).attempts >= 1, timeout_s=60, what="a timed-out delivery")
-        time.sleep(3)  # past the last backoff: no fifth attempt comes
+        stack.wait_callbacks_settled()  # no retry is held back: no fifth attempt can come
         recovered, abandoned, slowed = (client.status(j.job_id) for j in (recovering, lost, hanging))
 
     assert all(r.state is JobState.succeeded for r in others)
@@ -228,7 +227,7 @@ def test_cancel_while_running_publishes_nothing(tmp_path, receiver):
         keys_written = _objects(stack)
         after = client.submit_generate("portrait", seed=2, width=SIZE, height=SIZE).wait(60)
         wait_until(lambda: len(receiver.requests) >= 1, timeout_s=30, what="cancel callback")
-        time.sleep(1)
+        stack.wait_callbacks_settled()  # a second callback, if there were one, has arrived too
 
     assert final.state is JobState.cancelled and final.result is None
     assert keys_written == []

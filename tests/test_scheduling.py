@@ -51,7 +51,7 @@ def test_job_past_its_deadline_fails_expired(idle_stack):
     client = Client(idle_stack.settings)
     late = client.submit_generate("portrait", seed=1, width=SIZE, height=SIZE, deadline_s=0.2)
     in_time = client.submit_generate("portrait", seed=2, width=SIZE, height=SIZE, deadline_s=600)
-    time.sleep(0.3)  # the worker is not running yet: the first deadline passes in the queue
+    time.sleep(0.3)  # the first deadline (0.2 s) passes in the queue: no worker is running yet
 
     idle_stack.start_worker("worker")
 
