@@ -55,10 +55,12 @@ def generate_job(preset: str, tmp: Path) -> GenerateJob:
 
 def direct(job: GenerateJob, key: GenerateKey, jobs: int, batch: int) -> dict:
     """jobs/s of bare model calls (generate + refine), ``batch`` images per call."""
-    job.run_batch(key, [GenerateItem(PROMPT, 0, True)] * batch)  # warm this shape
+    refiner = job.models.refiners.choose("direct", pin=None)
+    job.run_batch(key, [GenerateItem(PROMPT, 0, refiner, True)] * batch)  # warm this shape
     started = time.perf_counter()
     for first in range(0, jobs, batch):
-        job.run_batch(key, [GenerateItem(PROMPT, seed, True) for seed in range(first, min(jobs, first + batch))])
+        seeds = range(first, min(jobs, first + batch))
+        job.run_batch(key, [GenerateItem(PROMPT, seed, refiner, True) for seed in seeds])
     seconds = time.perf_counter() - started
     return {"batch": batch, "jobs": jobs, "seconds": round(seconds, 3), "jobs_per_s": round(jobs / seconds, 3)}
 

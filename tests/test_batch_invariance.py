@@ -14,7 +14,7 @@ from shared.contract import JobState
 from shared.objects import ObjectStore
 from shared.settings import Settings
 from worker.handlers.generate import GenerateItem, GenerateJob, GenerateKey
-from worker.handlers.refine import RefineJob, RefineKey
+from worker.handlers.refine import RefineItem, RefineJob, RefineKey
 from worker.registry import ModelRegistry
 
 PROMPTS = ["portrait of an old man", "portrait of a young woman", "portrait of a child", "portrait of a bald man"]
@@ -28,14 +28,16 @@ def registry(tmp_path_factory) -> ModelRegistry:
     )
     registry = ModelRegistry(settings)
     # A refiner that is not the identity, so refinement is part of what must match.
-    torch.nn.init.normal_(registry.refiner.network.conv_out.weight, std=0.05)
+    refiner = registry.refiners.get(registry.refiners.choose("any job", pin=None))
+    torch.nn.init.normal_(refiner.network.conv_out.weight, std=0.05)
     return registry
 
 
 def test_batched_generate_and_refine_equal_single_runs(registry):
     work = GenerateJob(registry, ObjectStore(registry.settings), registry.settings).run_batch
     key = GenerateKey(width=64, height=48, steps=4, guidance=0.0)
-    items = [GenerateItem(p, s, refine=True) for p, s in zip(PROMPTS, SEEDS)]
+    refiner = registry.refiners.choose("any job", pin=None)
+    items = [GenerateItem(p, s, refiner, drawn=True) for p, s in zip(PROMPTS, SEEDS)]
 
     batched = work(key, items)
     singles = [work(key, [item])[0] for item in items]
@@ -52,9 +54,10 @@ def test_batched_generate_and_refine_equal_single_runs(registry):
 def test_refine_only_batches_equal_single_runs(registry):
     work = RefineJob(registry, ObjectStore(registry.settings), registry.settings).run_batch
     images = [torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    key = RefineKey(width=56, height=40)
-    batched = work(key, images)
-    singles = [work(key, [image])[0] for image in images]
+    items = [RefineItem(image, drawn=True) for image in images]
+    key = RefineKey(width=56, height=40, refiner=registry.refiners.choose("any job", pin=None))
+    batched = work(key, items)
+    singles = [work(key, [item])[0] for item in items]
     assert all(torch.equal(b.refined, s.refined) for b, s in zip(batched, singles))
 
 
