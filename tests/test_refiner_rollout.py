@@ -11,6 +11,7 @@ import json
 import signal
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,7 @@ from shared.contract import JobState
 from shared.errors import UnknownRefiner
 from shared.images import read_provenance
 from shared.objects import ObjectStore
+from shared.records import RecordStore
 
 pytestmark = pytest.mark.integration
 
@@ -50,11 +52,13 @@ def _status(stack: LocalStack) -> dict:
 
 
 def _followed(stack: LocalStack, revision: int) -> None:
-    """Wait until every worker adopted ``revision`` of the channels (their records say)."""
+    """Wait until every worker adopted ``revision`` of the channels (their records say, as
+    `refinery refiner status` shows them)."""
+    store = RecordStore.from_settings(stack.settings)
 
     def adopted() -> bool:
-        seen = _status(stack)["workers"]
-        return set(seen) == set(WORKERS) and all(w["revision"] >= revision for w in seen.values())
+        seen = {name: info.get("refiner_channels") or {} for name, info in store.workers().items()}
+        return set(seen) >= set(WORKERS) and all((seen[w].get("revision") or 0) >= revision for w in WORKERS)
 
     wait_until(adopted, timeout_s=60, what=f"workers at revision {revision}")
 
@@ -88,8 +92,8 @@ def rollout(tmp_path_factory) -> Iterator[tuple[LocalStack, dict[str, str]]]:
             "next": _publish(stack, perturbed_copy(DEMO_REFINER, work / "next", seed=2)),
         }
         _cli(stack, "refiner", "promote", f"{NAME}@{versions['demo']}")
-        for worker in WORKERS:
-            stack.start_worker(worker.partition("@")[0], env=FOLLOW)
+        with ThreadPoolExecutor(len(WORKERS)) as starting:  # side by side: each loads its models
+            list(starting.map(lambda worker: stack.start_worker(worker.partition("@")[0], env=FOLLOW), WORKERS))
         _followed(stack, 1)
         yield stack, versions
 
