@@ -16,6 +16,28 @@ import torch
 from devstack.stack import LocalStack
 from producer.client import Client
 
+# The files that take longest (seconds in one process, a 2-core run of 2026-12-06), first:
+# `scripts/dev.sh test` runs two files at a time, and a long file started last keeps one
+# process busy while the other has nothing left. The rest keep their order.
+LONGEST_FIRST = (
+    "test_refiner_life.py",  # 142
+    "test_faults.py",  # 135
+    "test_refiner_rollout.py",  # 63
+    "test_monitoring.py",  # 60
+    "test_drain.py",  # 61
+    "test_failover.py",  # 40
+    "test_node.py",  # 40
+    "test_gateway.py",  # 40
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: within a file, and among the rest, the order is kept
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
