@@ -32,12 +32,20 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         threading.Thread(target=self._renew_forever, args=(lease_s / 3,), name="lease-renewer", daemon=True).start()
 
-    def take(self, record: JobRecord) -> None:
-        """Stamp a record being claimed (inside the claim's transaction)."""
+    def stamp(self, record: JobRecord) -> None:
+        """Stamp a record being claimed (inside the claim's transaction, which may run again:
+        so it holds nothing yet)."""
         record.lease_owner = self.owner
         record.lease_expires_at = utcnow() + self.lease
+
+    def hold(self, job_id: str) -> None:
+        """Renew the job's lease from now on: its claim is committed."""
         with self._lock:
-            self._held.add(record.job_id)
+            self._held.add(job_id)
+
+    def holds(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._held
 
     def release(self, job_id: str) -> None:
         with self._lock:

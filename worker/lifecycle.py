@@ -83,6 +83,8 @@ class JobRunner:
         self.draining = threading.Event()
         self.jobs_done = 0  # jobs this process brought to a terminal state
         self._done_lock = threading.Lock()
+        self._active: set[str] = set()  # jobs a delivery in this process is on
+        self._active_lock = threading.Lock()
 
     def drain(self, timeout_s: float) -> bool:
         """Start no new job, and hand back those not yet on the model (their ``run``
@@ -102,6 +104,20 @@ class JobRunner:
         """Run one delivery of a job. Returns None when done with it, or the seconds after
         which it should be delivered again (held by another live worker, or retrying).
         Raises ``HandBack`` when the worker drains before the job reached the model."""
+        with self._active_lock:
+            if job_id in self._active:
+                # A second message for a job this process is on (a redelivery, a re-send): its
+                # lease says so to other workers; here, it is known without asking.
+                logger.info("job %s: not run now (running here, retry in %s s)", job_id, self.settings.lease_s)
+                return self.settings.lease_s
+            self._active.add(job_id)
+        try:
+            return self._run(job_id)
+        finally:
+            with self._active_lock:
+                self._active.discard(job_id)
+
+    def _run(self, job_id: str) -> float | None:
         if self.draining.is_set():
             raise HandBack(job_id)
         try:
@@ -158,6 +174,17 @@ class JobRunner:
             claim.claimed, claim.ended, claim.retry_in = False, False, None
             if record.state.terminal:
                 return None
+            if (
+                record.state is JobState.running
+                and record.lease_owner == self.leases.owner
+                and not self.leases.holds(job_id)
+            ):
+                # This very claim, committed, whose reply a failover lost (redis-py reports it
+                # as a conflict, so the mutation runs again): this process runs no such job,
+                # so the job is still to start here, in the same attempt.
+                self.leases.stamp(record)
+                claim.claimed = True
+                return record
             if (left := self.leases.time_left(record)) is not None:
                 claim.retry_in = left
                 return None
@@ -171,7 +198,7 @@ class JobRunner:
             else:
                 record.state, record.started_at, record.worker = JobState.running, now, self.worker_name
                 record.attempts += 1
-                self.leases.take(record)
+                self.leases.stamp(record)
                 claim.claimed = True
                 return record
             record.state, record.finished_at, record.error = JobState.failed, now, error
@@ -179,6 +206,8 @@ class JobRunner:
             return record
 
         claim.record = self.store.update(job_id, start)
+        if claim.claimed:
+            self.leases.hold(job_id)
         if claim.ended:
             self._ended(claim.record)
         elif not claim.claimed:
