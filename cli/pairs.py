@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 
 from cli.common import EXIT_ERROR, console, make_client
+
+if TYPE_CHECKING:
+    from producer.client import Client
 
 _OUT_HELP = "s3://bucket/prefix, or a local directory (served through S3 and mirrored there)."
 _SEED_HELP = "Dataset seed: fixes every prompt and image seed."
@@ -54,6 +58,12 @@ def generate(count, out, student, teacher, width, height, seed, no_wait) -> None
     console.print(f"{target.dataset}: {len(handles)} pairs queued, {skipped} already written")
     if no_wait:
         return
+    if handles and not _served(client, client.settings.queue("pair")):
+        click.echo(
+            f"warning: no live worker consumes the {client.settings.queue('pair')!r} queue, so nothing runs these "
+            f"pairs yet: start one with `refinery worker --queues {client.settings.queue('pair')}` (waiting)",
+            err=True,
+        )
     outcome = datasets.wait(client, target, handles, count, console)
     console.print(", ".join(f"{n} {state}" for state, n in outcome.items()) + f"; {datasets.status(client, target)}")
     if outcome["failed"]:
@@ -103,3 +113,11 @@ def prompts(count: int, seed: int, top: int) -> None:
             table.add_row(attribute if i == 0 else "", value, str(n), f"{n / total:6.1%}", "#" * round(n / total * 30))
         table.add_section()
     console.print(table)
+
+
+def _served(client: Client, queue: str) -> bool:
+    """Whether a live worker consumes ``queue`` (as `refinery status` finds them)."""
+    from producer.preflight import consumers, live_workers
+
+    records = client.store.workers()
+    return bool(consumers(queue, records, live_workers(client, records)))

@@ -280,8 +280,9 @@ class CallbackBacklog:
         return bool(self.stale) and not self.consumers
 
 
-def callback_consumers(client: Client, records: dict[str, dict[str, object]], alive: set[str]) -> list[str]:
-    return sorted(name for name in alive if client.settings.queue_callbacks in _queues(records[name]))
+def consumers(queue: str, records: dict[str, dict[str, object]], alive: set[str]) -> list[str]:
+    """The live workers among ``records`` that consume ``queue``."""
+    return sorted(name for name in alive if queue in _queues(records[name]))
 
 
 def callback_backlog(
@@ -304,7 +305,7 @@ def callback_backlog(
     return CallbackBacklog(
         waiting=queue_depth(client.store.redis, queue),
         oldest=oldest,
-        consumers=callback_consumers(client, records, alive),
+        consumers=consumers(client.settings.queue_callbacks, records, alive),
         alarm_s=client.settings.callback_wait_alarm_s,
     )
 

@@ -83,3 +83,9 @@ class RefinerUnavailable(RefineryError):
     """A refiner version that failed to download, verify or load: it is never served."""
 
     code = "refiner_unavailable"
+
+
+class ModelUnavailable(RefineryError):
+    """A worker could not load its model's weights (not cached, no hub access)."""
+
+    code = "model_unavailable"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -56,6 +58,21 @@ def test_pairs_generate_writes_a_resumable_dataset(tmp_path):
     # A new stack (empty S3, no worker): the local directory's pairs still count as written.
     with LocalStack(tmp_path / "stack2") as stack:
         resumed = stack.refinery(*[a if a != "6" else "8" for a in args])
+        # One more pair, and no worker to run it: said at once, rather than a silent wait.
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "cli", *[a if a != "6" else "9" for a in args]],
+            env=stack.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert waiting.stderr is not None
+            warning = waiting.stderr.readline()
+            still_waiting = waiting.poll() is None
+        finally:
+            waiting.kill()
+            waiting.wait()
 
     assert first.returncode == 0, first.stderr
     # The pairs' model time is in Prometheus, as their own stages.
@@ -65,6 +82,8 @@ def test_pairs_generate_writes_a_resumable_dataset(tmp_path):
     assert "2 pairs queued, 6 already written" in more.stdout
     assert json.loads(status.stdout)["written"] == 8 and json.loads(status.stdout)["mirrored"] == 8
     assert resumed.returncode == 0 and "0 pairs queued, 8 already written" in resumed.stdout, resumed.stderr
+    assert warning.startswith("warning: no live worker consumes the 'pairs' queue") and still_waiting, warning
+    assert "refinery worker --queues pairs" in warning
 
     rows = [json.loads(p.read_text()) for p in sorted((out / "manifest").glob("*.json"))]
     assert [r["pair_id"] for r in rows] == [f"{i:07d}" for i in range(8)]

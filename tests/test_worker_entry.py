@@ -65,3 +65,29 @@ def test_celery_entry_point_refuses_model_queues(stack: LocalStack):
     refused = subprocess.run([*command, "generate"], check=False, env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0
     assert "queues ['generate'] need the models" in refused.stderr + refused.stdout
+
+
+@pytest.mark.integration
+def test_a_worker_without_its_weights_says_so_in_one_line(stack: LocalStack, tmp_path):
+    """FLUX.1-schnell neither cached nor reachable (no hub here): a typed line, not a traceback."""
+    env = {
+        **stack.env,
+        "REFINERY_MODEL_PRESET": "flux-schnell",
+        "HF_HOME": str(tmp_path / "empty-hub-cache"),
+        "HF_HUB_OFFLINE": "1",
+        "REFINERY_METRICS_PORT": "0",
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "cli",
+        "worker",
+        "--queues=generate",
+        "--name=weightless@localstack",
+        "--no-callbacks",
+    ]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]  # after the libraries' own warnings and notices
+    assert last.startswith("error [model_unavailable] model: cannot load flux-schnell"), done.stderr[-2000:]
+    assert "REFINERY_MODEL_PATH" in last and "Traceback" not in done.stderr

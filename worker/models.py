@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline
 from huggingface_hub import try_to_load_from_cache
 
+from shared.errors import ModelUnavailable
 from shared.presets import Preset
 from worker.free_model import NoopPipeline
 from worker.tiny_flux import ensure_tiny_pipeline_saved
@@ -118,6 +119,22 @@ class HubSource(_FluxSource):
         location = model_path or preset.model_id
         assert location is not None, "hub presets name their hub id"
         return location, {}
+
+    def load(
+        self, preset: Preset, model_path: str | None, options: LoadOptions, shared: dict[str, Any]
+    ) -> FluxPipeline:
+        try:
+            return super().load(preset, model_path, options, shared)
+        except OSError as exc:  # what diffusers and huggingface_hub raise for weights out of reach
+            location, _ = self._location(preset, model_path, options.cache_dir)
+            first_line = next(iter(str(exc).splitlines()), "")
+            raise ModelUnavailable(
+                f"cannot load {preset.name} from {location} ({type(exc).__name__}: {first_line}); download the "
+                "weights and set REFINERY_MODEL_PATH (REFINERY_TEACHER_PATH for a teacher) to them, or give "
+                "this worker the hub "
+                "(and HF_TOKEN: FLUX.1-dev is gated)",
+                field="model",
+            ) from None
 
     def weights(self, preset: Preset, model_path: str | None, cache_dir: Path) -> dict[str, str | None]:
         location, _ = self._location(preset, model_path, cache_dir)
