@@ -14,7 +14,7 @@ and then the per-job service overhead (end-to-end minus model time, one job at a
 and the direct batching gain per resolution. Presets: ``tiny-schnell`` (the test double,
 milliseconds per image) and ``bench-schnell`` (random weights sized so one image costs a
 few hundred ms here: the realistic regime, since real FLUX jobs cost seconds).
-Writes benchmarks/results/throughput.json.
+Writes benchmarks/results/throughput.json (a --quick run: build/benchmarks/throughput-quick.json).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from worker.handlers.generate import GenerateItem, GenerateJob, GenerateKey
 from worker.registry import ModelRegistry
 
 RESULTS = Path(__file__).parent / "results" / "throughput.json"
+QUICK_RESULTS = Path(__file__).parents[1] / "build" / "benchmarks" / "throughput-quick.json"
 PROMPT = "studio portrait of a woman with freckles and curly red hair"
 console = Console()
 
@@ -163,7 +164,10 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=3, help="system / direct pairs; the median is reported")
+    parser.add_argument("--out", type=Path, help=f"default: {RESULTS}, or {QUICK_RESULTS} with --quick")
     args = parser.parse_args()
+    # A smoke run never replaces the committed full run that the docs cite.
+    out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     tiny_jobs, bench_jobs = (16, 8) if args.quick else (48, 24)
 
     with tempfile.TemporaryDirectory(prefix="refinery-bench-") as tmp:
@@ -193,10 +197,10 @@ def main() -> None:
         "service_overhead": service,
         "direct_batching_gain_by_size": gains,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     console.print(_table(result))
-    console.print(f"wrote {RESULTS}")
+    console.print(f"wrote {out}")
 
 
 def _table(result: dict) -> Table:
