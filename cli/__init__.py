@@ -14,7 +14,7 @@ import click
 import redis
 from kombu.exceptions import OperationalError
 
-from cli import demo, doctor, gateway, jobs, pairs, refiner, training, worker
+from cli import demo, doctor, gateway, jobs, pairs, refiner, retention, training, worker
 from cli.common import EXIT_ERROR
 from shared.errors import BrokerUnavailable, InvalidInput, RefineryError
 
@@ -67,6 +67,7 @@ for command in (
     worker.node,
     worker.workers,
     doctor.doctor,
+    retention.retention,
     demo.demo,
     gateway.gateway,
     gateway.keys,

@@ -132,13 +132,16 @@ def submit_generate(
 @click.option(
     "--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A local image, sent inline."
 )
+@click.option("--keep-input", is_flag=True, help="Keep the uploaded --file after the job ends (retention expires it).")
 @_job_options
-def submit_refine(input_uri, path, wait, timeout, as_json, **common) -> None:
+def submit_refine(input_uri, path, keep_input, wait, timeout, as_json, **common) -> None:
     """Refine an existing image."""
     if (input_uri is None) == (path is None):
         raise click.UsageError("give exactly one of --input or --file")
     image = path.read_bytes() if path else None
-    job = make_client().submit_refine(input_uri=input_uri, image=image, **_common_fields(**common))
+    job = make_client().submit_refine(
+        input_uri=input_uri, image=image, keep_input=keep_input, **_common_fields(**common)
+    )
     _finish(job, wait, timeout, as_json)
 
 

@@ -138,7 +138,9 @@ class LocalStack:
             process=process,
             log=self.logs / "s3.log",
         )
-        ObjectStore(self.settings).ensure_bucket()
+        storage = ObjectStore(self.settings)
+        storage.ensure_bucket()
+        storage.apply_retention()  # as a deployment does once (`refinery retention --apply`)
 
     def start_worker(
         self,

@@ -25,6 +25,7 @@ from producer.client import Client
 from shared import keys
 from shared.broker import queue_depth, queue_lists
 from shared.contract import JobRecord, JobState
+from shared.errors import StorageUnavailable
 from shared.objects import ObjectStore
 from shared.redis_client import is_sentinel, min_replicas_ack, sentinel_topology
 from shared.routing import default_queues, model_queues
@@ -65,7 +66,7 @@ def required_queues(settings: Settings) -> list[str]:
 
 def run(client: Client, required: list[str]) -> list[Check]:
     """Every check: Redis, S3, then the queues, workers and callbacks (`overview`)."""
-    checks = [_storage(client.settings)]
+    checks = [_storage(client.settings), _retention(client.settings)]
     try:
         client.store.redis.ping()
     except redis.RedisError as exc:
@@ -192,6 +193,22 @@ def _storage(settings: Settings) -> Check:
     except (BotoCoreError, ClientError) as exc:
         return Check("s3 bucket", "fail", f"{where}: {step} failed: {exc}")
     return Check("s3 bucket", "ok", f"{where}: written, read back and deleted")
+
+
+def _retention(settings: Settings) -> Check:
+    storage = ObjectStore(settings.model_copy(update={"s3_max_attempts": 1}))
+    wanted = storage.retention_rule()
+    where = f"s3://{settings.s3_bucket}/{wanted['Filter']['Prefix']}"
+    try:
+        found = storage.retention_in_place()
+    except StorageUnavailable as exc:
+        return Check("s3 retention", "warn", f"{where}: the lifecycle rules could not be read ({exc.message})")
+    if found == wanted:
+        return Check("s3 retention", "ok", f"{where}: objects expire after {settings.retention_days} days")
+    what = "no retention rule" if found is None else f"a rule other than the settings' ({found.get('Expiration')})"
+    return Check(
+        "s3 retention", "warn", f"{where}: {what}, so results are kept for ever: run `refinery retention --apply`"
+    )
 
 
 # --- Workers and queues -------------------------------------------------------------------

@@ -159,6 +159,9 @@ class RefineSpec(JobSpec):
     # so the spec the worker sees always names an S3 object.
     input_uri: str
     refiner_version: str | None = Field(None, pattern=rf"^{REFINER_NAME}@{REFINER_VERSION}$")
+    # An inline upload is deleted once the job ends, unless kept (then the bucket's retention
+    # expires it with the results); an s3:// input the caller names is never deleted.
+    keep_input: bool = False
 
     @field_validator("input_uri")
     @classmethod

@@ -21,6 +21,8 @@ from shared.settings import Settings
 logger = logging.getLogger(__name__)
 
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+# The bucket lifecycle rule this service owns; other rules in the bucket are left alone.
+RETENTION_RULE_ID = "refinery-jobs-retention"
 
 
 class ObjectStore:
@@ -72,6 +74,49 @@ class ObjectStore:
         listed = self.client.list_objects_v2(Bucket=self.settings.s3_bucket, Prefix=prefix)
         for obj in listed.get("Contents", []):
             self.client.delete_object(Bucket=self.settings.s3_bucket, Key=obj["Key"])
+
+    def delete(self, uri: str) -> None:
+        bucket, key = parse_s3_uri(uri)
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailable(f"delete of {uri} failed: {exc}") from exc
+
+    # -- retention ------------------------------------------------------------------------
+
+    def retention_rule(self) -> dict:
+        """The lifecycle rule that expires every job's objects after ``retention_days``."""
+        return {
+            "ID": RETENTION_RULE_ID,
+            "Filter": {"Prefix": f"{self.settings.s3_prefix}/jobs/"},
+            "Status": "Enabled",
+            "Expiration": {"Days": self.settings.retention_days},
+        }
+
+    def retention_in_place(self) -> dict | None:
+        """The bucket's rule of this service as it stands, None when there is none."""
+        return next((rule for rule in self._lifecycle_rules() if rule.get("ID") == RETENTION_RULE_ID), None)
+
+    def apply_retention(self) -> None:
+        """Put ``retention_rule`` in the bucket's lifecycle configuration, keeping its other rules."""
+        others = [rule for rule in self._lifecycle_rules() if rule.get("ID") != RETENTION_RULE_ID]
+        try:
+            self.client.put_bucket_lifecycle_configuration(
+                Bucket=self.settings.s3_bucket, LifecycleConfiguration={"Rules": [*others, self.retention_rule()]}
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailable(f"setting the lifecycle of s3://{self.settings.s3_bucket} failed: {exc}") from exc
+
+    def _lifecycle_rules(self) -> list[dict]:
+        try:
+            found = self.client.get_bucket_lifecycle_configuration(Bucket=self.settings.s3_bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchLifecycleConfiguration":
+                return []
+            raise StorageUnavailable(f"reading the lifecycle of s3://{self.settings.s3_bucket} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"reading the lifecycle of s3://{self.settings.s3_bucket} failed: {exc}") from exc
+        return list(found.get("Rules", []))
 
     def get(self, uri: str, *, max_bytes: int | None = None) -> bytes:
         """Read an object; only from the buckets refine-only inputs may come from."""

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     # Buckets besides s3_bucket that refine-only jobs may read their input from.
     s3_input_buckets: Annotated[list[str], NoDecode] = []
     presign_expiry_s: int = Field(3600, gt=0, le=7 * 24 * 3600)
+    # Results, raw images and uploaded inputs (<prefix>/jobs/) are deleted by the bucket after
+    # this many days: an S3 lifecycle rule that `refinery retention --apply` puts in place
+    # and `refinery doctor` checks. The records' own default lifetime (job_ttl_s) is 7 days too.
+    retention_days: int = Field(7, ge=1)
     # boto3's own retries with backoff ("standard" mode) before a job fails with storage_unavailable.
     s3_max_attempts: int = Field(5, ge=1)
     s3_timeout_s: float = Field(10.0, gt=0)

@@ -63,6 +63,7 @@ def test_a_healthy_stack_passes(stack: LocalStack) -> None:
     assert checks["redis eviction"][0] == "ok"
     assert checks["clock skew"][0] == "ok"
     assert checks["s3 bucket"][0] == "ok"
+    assert checks["s3 retention"] == ("ok", "s3://refinery-local/refinery/jobs/: objects expire after 7 days")
     status, detail = checks["worker model@localstack"]
     assert status == "ok"
     assert "preset tiny-schnell" in detail and "refiner identity" in detail and "device cpu" in detail
@@ -108,6 +109,22 @@ def test_a_misconfigured_redis_fails(
     assert code == 2
     assert failing(checks) == {check}
     assert why in checks[check][1]
+
+
+def test_a_missing_or_different_retention_rule_warns_with_the_command_that_fixes_it(stack: LocalStack) -> None:
+    storage = Client(stack.settings).storage
+    storage.client.delete_bucket_lifecycle(Bucket=stack.settings.s3_bucket)
+    code, missing = doctor(stack)
+    applied = stack.refinery("retention", "--apply", "--json")
+    _, fixed = doctor(stack)
+    _, other = doctor(stack, REFINERY_RETENTION_DAYS="30")  # the bucket's 7 days against 30
+
+    assert code == 0 and missing["s3 retention"][0] == "warn", "a warning: results kept longer, nothing lost"
+    assert "no retention rule" in missing["s3 retention"][1]
+    assert "refinery retention --apply" in missing["s3 retention"][1]
+    assert applied.returncode == 0 and json.loads(applied.stdout)["ok"], applied.stderr
+    assert fixed["s3 retention"][0] == "ok"
+    assert other["s3 retention"][0] == "warn" and "a rule other than the settings'" in other["s3 retention"][1]
 
 
 def test_s3_down_fails(stack: LocalStack) -> None:

@@ -17,7 +17,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from devstack.stack import wait_until
 from shared.contract import JobState
-from shared.errors import CallbackRefused, InvalidInput
+from shared.errors import CallbackRefused, InputNotFound, InvalidInput
 from shared.images import TRAINED_ALGORITHMIC_MEDIA, read_provenance
 
 pytestmark = pytest.mark.integration
@@ -85,6 +85,31 @@ def test_refine_only_from_s3_object(client):
     assert _pixels(refined) == source.tobytes()
     assert (record.result.width, record.result.height) == (80, 48)
     assert "load_input" in record.timings_ms and "generate" not in record.timings_ms
+
+
+def test_an_uploaded_input_is_deleted_once_its_job_ends_unless_kept(client):
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(png, "PNG")
+    callers = f"s3://{client.settings.s3_bucket}/uploads/keep-me.png"
+    client.storage.put(callers, png.getvalue(), "image/png")
+
+    from_bucket = client.submit_refine(input_uri=callers).wait(60)
+    kept = client.submit_refine(image=png.getvalue(), keep_input=True).wait(60)
+    uploaded = client.submit_refine(image=png.getvalue()).wait(60)
+    assert {r.state for r in (from_bucket, kept, uploaded)} == {JobState.succeeded}
+
+    def exists(uri: str) -> bool:
+        try:
+            client.storage.get(uri)
+        except InputNotFound:
+            return False
+        return True
+
+    # Deleted once the record is terminal (a redelivery before that still finds it).
+    wait_until(lambda: not exists(uploaded.spec.input_uri), timeout_s=30, what="the upload deleted")
+    assert exists(uploaded.result.uri), "the result stays: the bucket's retention expires it"
+    # The two earlier jobs ended before the last was submitted: theirs are still there.
+    assert exists(kept.spec.input_uri) and exists(callers)
 
 
 def test_refine_only_from_file_through_cli(stack, client, tmp_path):

@@ -110,13 +110,13 @@ def test_submit_follow_and_download(gw):
 def test_refine_upload_and_s3_input(gw):
     key = gw.key("uploader")
     uploaded = gw.a.post(
-        "/v1/jobs:upload?output_format=webp",
+        "/v1/jobs:upload?output_format=webp&keep_input=true",  # refined again below
         content=png(),
         headers={**auth(key), "Content-Type": "image/png", "Idempotency-Key": "upload-1"},
     )
     assert uploaded.status_code == 202, uploaded.text
     again = gw.b.post(
-        "/v1/jobs:upload?output_format=webp",
+        "/v1/jobs:upload?output_format=webp&keep_input=true",
         content=png(),
         headers={**auth(key), "Content-Type": "image/png", "Idempotency-Key": "upload-1"},
     )

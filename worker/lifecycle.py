@@ -253,6 +253,11 @@ class JobRunner:
         if record.error is not None and record.error.code in DEAD_LETTER_CODES:
             self.store.dead_letter(record.job_id)
         self._notify(record)
+        if handler := self.handlers.by_kind.get(record.kind):
+            try:
+                handler.ended(record, record.spec)
+            except RefineryError as exc:  # what is left behind, the bucket's retention expires
+                logger.warning("job %s: letting go of its inputs failed: %s", record.job_id, exc)
 
     def _process(self, record: JobRecord, timer: StageTimer) -> Outcome:
         handler = self.handlers.serving(record.kind)

@@ -359,6 +359,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         callback_url: Annotated[str | None, Query(max_length=2048)] = None,
         deadline_s: float | None = None,
         metadata: Annotated[str | None, Query(description="A JSON object", max_length=8192)] = None,
+        keep_input: Annotated[bool, Query(description="Keep the upload after the job ends")] = False,
+        refiner_version: Annotated[str | None, Query(description="A published refiner, NAME@VERSION")] = None,
     ) -> Response:
         """Queue a refine-only job for the image sent as the raw body (an `s3://` input:
         POST /v1/jobs with kind refine_only and input_uri)."""
@@ -366,8 +368,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not (media.startswith("image/") or media == "application/octet-stream"):
             raise UnsupportedMediaType("send the image as the raw body, Content-Type image/*", field="content-type")
         image = await read_body(request, settings.max_input_bytes)
-        fields: dict[str, Any] = {"output_format": output_format, "priority": priority}
-        optional = {"callback_url": callback_url, "deadline_s": deadline_s}
+        fields: dict[str, Any] = {"output_format": output_format, "priority": priority, "keep_input": keep_input}
+        optional = {"callback_url": callback_url, "deadline_s": deadline_s, "refiner_version": refiner_version}
         fields.update({name: value for name, value in optional.items() if value is not None})
         if idempotency_key is not None:
             fields["idempotency_key"] = scoped(key.tenant, idempotency_key)

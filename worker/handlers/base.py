@@ -1,9 +1,11 @@
 """What every job kind's handler provides, and the image publishing two of them share.
 
 A kind's declaration (``shared.contract.JobKind``) names its handler. The lifecycle
-(``worker/lifecycle.py``) claims a job, then asks its kind's handler to ``prepare`` it (checks, inputs, and the batch key that says which jobs may share a model
-call), hands the item to the batcher, which calls ``run_batch`` on the model thread, and
-finally, unless the job was cancelled meanwhile, asks the handler to ``publish`` it.
+(``worker/lifecycle.py``) claims a job, then asks its kind's handler to ``prepare`` it
+(checks, inputs, and the batch key that says which jobs may share a model call), hands the
+item to the batcher, which calls ``run_batch`` on the model thread, and finally, unless the
+job was cancelled meanwhile, asks the handler to ``publish`` it; once the record is
+terminal, ``ended`` lets go of what only the job needed.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ class JobHandler(ABC, Generic[SpecT]):
     def publish(self, record: JobRecord, spec: SpecT, output: Any, timer: StageTimer) -> Published:
         """Encode and upload the job's files (its S3 keys derive from the job, so a
         redelivery overwrites rather than duplicates)."""
+
+    def ended(self, record: JobRecord, spec: SpecT) -> None:
+        """The job's record is terminal (succeeded, failed or cancelled), so no delivery runs
+        it again: let go of what only it needed."""
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,11 @@ class RefineJob(JobHandler[RefineSpec]):
             for item, out, quality in zip(items, refined, judged, strict=True)
         ]
 
+    def ended(self, record: JobRecord, spec: RefineSpec) -> None:
+        # Only an upload to the job's own prefix (Client.submit_refine(image=...)) is ours to delete.
+        if not spec.keep_input and spec.input_uri == self.storage.job_uri(record.job_id, "input"):
+            self.storage.delete(spec.input_uri)
+
     def publish(self, record: JobRecord, spec: RefineSpec, output: ModelOutput, timer: StageTimer) -> Published:
         provenance = Provenance(
             job_id=record.job_id,
