@@ -24,10 +24,11 @@ import redis
 from kombu.exceptions import OperationalError
 from redis.sentinel import MasterNotFoundError
 
+from shared.archive import RecordArchive
 from shared.broker import make_celery, queue_depth
 from shared.callbacks import check_callback_url
 from shared.contract import GenerateSpec, JobRecord, JobSpec, JobState, PairSpec, RefineSpec, build_spec, parse_s3_uri
-from shared.errors import BrokerUnavailable, InvalidImage, InvalidInput, QueueFull
+from shared.errors import BrokerUnavailable, InvalidImage, InvalidInput, JobNotFound, QueueFull
 from shared.images import decode_image
 from shared.objects import ObjectStore
 from shared.presets import get_preset
@@ -64,6 +65,11 @@ class Client:
     @cached_property
     def storage(self) -> ObjectStore:
         return ObjectStore(self.settings)
+
+    @cached_property
+    def records(self) -> RecordArchive:
+        """Job records wherever they are: Redis, or the bucket once finished a while."""
+        return RecordArchive(self.store, self.storage)
 
     @cached_property
     def refiners(self) -> RefinerRegistry:
@@ -140,7 +146,9 @@ class Client:
         # tenant: who submitted it through the gateway (producer/gateway), recorded on the job.
         record = JobRecord(job_id=job_id or uuid.uuid4().hex, kind=spec.kind, spec=spec, seed=seed, tenant=tenant)
         with _broker():
-            record, created = self.store.create(record, spec.idempotency_key)
+            job_id, created = self.store.create(record, spec.idempotency_key)
+            if not created:
+                record = self.records.get(job_id)
             # A never-started job found by its idempotency key may be one whose submit
             # failed between record and message: send it again. A second message for a
             # job is harmless (the first delivery to claim it runs it; the others see it
@@ -164,14 +172,18 @@ class Client:
         return JobHandle(job_id, self)
 
     def status(self, job_id: str) -> JobRecord:
-        return self.store.get(job_id)
+        return self.records.get(job_id)
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
-        return self.store.wait(job_id, timeout)
+        record = self.records.get(job_id)
+        return record if record.state.terminal else self.store.wait(job_id, timeout)
 
     def cancel(self, job_id: str) -> JobRecord:
         """A queued job is never run; a running one ends ``cancelled`` and publishes nothing."""
-        record, cancelled = self.store.cancel(job_id)
+        try:
+            record, cancelled = self.store.cancel(job_id)
+        except JobNotFound:  # finished long enough ago to be in the bucket only: nothing to cancel
+            return self.records.get(job_id)
         if cancelled and record.spec.callback_url:
             send_callback(self.celery, job_id, record.state.value)
         return record

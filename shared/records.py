@@ -76,11 +76,12 @@ class RecordStore:
                 field="redis",
             )
 
-    def create(self, record: JobRecord, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
-        """Store a new record; with an idempotency key, return the first job made with it.
+    def create(self, record: JobRecord, idempotency_key: str | None = None) -> tuple[str, bool]:
+        """Store a new record; with an idempotency key, find the first job made with it.
 
-        Returns ``(record, created)``. The key check and both writes are one transaction,
-        so two producers racing with the same key get the same job.
+        Returns ``(job_id, created)``: the first job's id when the key was used before (its
+        record may be in the bucket by now: ``shared.archive``). The key check and both
+        writes are one transaction, so two producers racing with the same key get the same job.
         """
         idem = keys.idempotency_key(idempotency_key) if idempotency_key else None
         with self.redis.pipeline() as pipe:
@@ -91,14 +92,14 @@ class RecordStore:
                         existing = pipe.get(idem)
                         if existing is not None:
                             pipe.reset()
-                            return self.get(_text(existing)), False
+                            return _text(existing), False
                     pipe.multi()
                     if idem:
                         pipe.set(idem, record.job_id, ex=self.ttl_s)
                     pipe.set(keys.job_key(record.job_id), record.model_dump_json(), ex=self.ttl_s)
                     pipe.zadd(keys.QUEUED, {record.job_id: time.time()})
                     pipe.execute()
-                    return record, True
+                    return record.job_id, True
                 except redis.WatchError:
                     continue
 
@@ -112,6 +113,10 @@ class RecordStore:
         if raw is None:
             raise JobNotFound(f"no job {job_id!r} (unknown or expired)", field="job_id")
         return JobRecord.model_validate_json(raw)
+
+    def linger(self, job_id: str, seconds: float) -> None:
+        """Drop a finished record from Redis after ``seconds`` (``shared.archive`` holds it then)."""
+        self.redis.expire(keys.job_key(job_id), max(1, round(seconds)))
 
     def update(self, job_id: str, mutate: Mutation) -> JobRecord:
         """Apply ``mutate`` atomically (optimistic WATCH/MULTI); returns the stored record."""

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # Redis: broker for Celery and home of the job records.
     redis_url: str = "redis://127.0.0.1:6379/0"
     job_ttl_s: int = Field(7 * 24 * 3600, gt=0)
+    # A finished job's record stays in Redis this long, then only beside its results in the
+    # bucket (jobs/<id>/job.json, shared/archive.py), which status, wait and the gateway read.
+    record_linger_s: float = Field(3600.0, gt=0)
     # Behind Redis Sentinel (redis_url "sentinel://h1:26379;sentinel://h2:26379/0"): the
     # monitored primary's name, and the Sentinels' own password and TLS, if they have any.
     redis_sentinel_master: str | None = None

@@ -16,7 +16,8 @@ from PIL import Image
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from devstack.stack import wait_until
-from shared.contract import JobState
+from shared import keys
+from shared.contract import CallbackStatus, JobRecord, JobState
 from shared.errors import CallbackRefused, InputNotFound, InvalidInput
 from shared.images import TRAINED_ALGORITHMIC_MEDIA, read_provenance
 
@@ -167,6 +168,33 @@ def test_signed_callback_on_terminal_state(client, receiver):
     wait_until(lambda: client.status(record.job_id).callback is not None, timeout_s=10, what="callback status")
     delivered = client.status(record.job_id)
     assert delivered.callback.delivered and delivered.callback.last_status == 204 and delivered.callback.attempts == 1
+
+
+def test_a_finished_record_leaves_redis_and_is_still_found_in_the_bucket(stack, client, receiver):
+    handle = client.submit_generate(
+        "portrait", seed=9, width=SIZE, height=SIZE, idempotency_key="archived-1", callback_url=receiver.url
+    )
+    record = handle.wait(60)
+    key = keys.job_key(record.job_id)
+    archived = f"{client.settings.s3_prefix}/jobs/{record.job_id}/job.json"
+
+    def in_bucket() -> JobRecord:
+        raw = client.storage.client.get_object(Bucket=client.settings.s3_bucket, Key=archived)["Body"].read()
+        return JobRecord.model_validate_json(raw)
+
+    # Beside its results, with the callback's outcome once the receiver answered.
+    wait_until(lambda: (in_bucket().callback or CallbackStatus(url="")).delivered, timeout_s=30, what="archived")
+    assert 0 < client.store.redis.ttl(key) <= client.settings.record_linger_s
+    client.store.redis.delete(key)  # what REFINERY_RECORD_LINGER_S does, an hour after it ended
+
+    found = client.status(record.job_id)
+    assert found.state is JobState.succeeded and found.result == record.result and found.callback.delivered
+    assert client.wait(record.job_id, 5) == found and client.cancel(record.job_id) == found
+    # The idempotency key still finds the job; so does the CLI.
+    again = client.submit_generate("portrait", seed=9, width=SIZE, height=SIZE, idempotency_key="archived-1")
+    assert again.job_id == record.job_id and client.store.redis.get(key) is None, "not queued again"
+    shown = stack.refinery("status", record.job_id, "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["state"] == "succeeded", shown.stderr
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,11 @@ from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from shared import keys
+from shared.archive import RecordArchive
 from shared.broker import make_celery
 from shared.callbacks import CallbackFailed
 from shared.contract import KINDS
+from shared.objects import ObjectStore
 from shared.records import RecordStore
 from shared.settings import Settings
 from worker import metrics
@@ -49,6 +51,7 @@ def make_app(
     app = make_celery(settings)
     runner = build_runner(app) if build_runner is not None else None
     store = RecordStore.from_settings(settings)
+    records = RecordArchive(store, ObjectStore(settings))
 
     if runner is not None:
         from worker.lifecycle import HandBack
@@ -72,7 +75,7 @@ def make_app(
         from worker.notify import deliver_job_callback
 
         try:
-            deliver_job_callback(settings, store, job_id, event)
+            deliver_job_callback(settings, records, job_id, event)
         except CallbackFailed as exc:
             if task.request.retries >= settings.callback_max_retries:
                 logger.warning(

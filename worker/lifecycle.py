@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from shared.archive import RecordArchive
 from shared.contract import JobError, JobRecord, JobResult, JobState, Quality, utcnow
 from shared.errors import RefineryError
 from shared.objects import ObjectStore
@@ -83,6 +84,7 @@ class JobRunner:
         self.draining = threading.Event()
         self.jobs_done = 0  # jobs this process brought to a terminal state
         self._done_lock = threading.Lock()
+        self.archive = RecordArchive(store, storage)
         self._active: set[str] = set()  # jobs a delivery in this process is on
         self._active_lock = threading.Lock()
 
@@ -258,6 +260,10 @@ class JobRunner:
                 handler.ended(record, record.spec)
             except RefineryError as exc:  # what is left behind, the bucket's retention expires
                 logger.warning("job %s: letting go of its inputs failed: %s", record.job_id, exc)
+        try:
+            self.archive.archive(record, self.settings.record_linger_s)
+        except RefineryError as exc:  # it stays in Redis for its full job_ttl_s instead
+            logger.warning("job %s: archiving its record failed: %s", record.job_id, exc)
 
     def _process(self, record: JobRecord, timer: StageTimer) -> Outcome:
         handler = self.handlers.serving(record.kind)

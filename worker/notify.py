@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 
+from shared.archive import RecordArchive
 from shared.callbacks import CallbackFailed, deliver
 from shared.contract import CallbackStatus, JobRecord, utcnow
-from shared.records import RecordStore
+from shared.errors import JobNotFound
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -25,10 +26,10 @@ def callback_payload(record: JobRecord, event: str) -> dict:
     }
 
 
-def deliver_job_callback(settings: Settings, store: RecordStore, job_id: str, event: str) -> None:
+def deliver_job_callback(settings: Settings, records: RecordArchive, job_id: str, event: str) -> None:
     """One delivery attempt of the job's ``event`` (the state it entered); raises
     CallbackFailed when it should be retried. The data is the record as it is now."""
-    record = store.get(job_id)
+    record = records.get(job_id)
     url = record.spec.callback_url
     assert url is not None, "callbacks are only enqueued for jobs that asked for one"
     secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
@@ -52,11 +53,13 @@ def deliver_job_callback(settings: Settings, store: RecordStore, job_id: str, ev
         error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        _record_attempt(store, job_id, url, status, error)
+        _record_attempt(settings, records, job_id, url, status, error)
     logger.info("job %s: callback delivered (%s)", job_id, status)
 
 
-def _record_attempt(store: RecordStore, job_id: str, url: str, status: int | None, error: str | None) -> None:
+def _record_attempt(
+    settings: Settings, records: RecordArchive, job_id: str, url: str, status: int | None, error: str | None
+) -> None:
     def mutate(record: JobRecord) -> JobRecord:
         previous = record.callback or CallbackStatus(url=url)
         record.callback = CallbackStatus(
@@ -69,4 +72,11 @@ def _record_attempt(store: RecordStore, job_id: str, url: str, status: int | Non
         )
         return record
 
-    store.update(job_id, mutate)
+    try:
+        record = records.store.update(job_id, mutate)
+    except JobNotFound:  # in the bucket only by now: the outcome is in the log alone
+        logger.warning("job %s: callback attempt not recorded (the record left Redis)", job_id)
+        return
+    if record.state.terminal:
+        # The archived copy is what status shows once Redis drops the record: keep it current.
+        records.archive(record, settings.record_linger_s)

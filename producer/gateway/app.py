@@ -406,7 +406,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if gateway.streams.active >= settings.gateway_max_streams:
             raise StreamsExhausted(f"this replica follows {settings.gateway_max_streams} streams already; retry")
         return StreamingResponse(
-            job_events(gateway.client.store, job_id, gateway.streams),
+            job_events(gateway.client.records, job_id, gateway.streams),
             media_type="text/event-stream",
             # Proxies (nginx) must pass each event on as it comes.
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

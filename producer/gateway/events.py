@@ -12,9 +12,9 @@ import threading
 from collections.abc import Iterator
 
 from shared import keys
+from shared.archive import RecordArchive
 from shared.contract import JobState
 from shared.errors import JobNotFound
-from shared.records import RecordStore
 
 KEEPALIVE_S = 15.0
 
@@ -34,16 +34,16 @@ class StreamCount:
             self.active += n
 
 
-def job_events(store: RecordStore, job_id: str, streams: StreamCount) -> Iterator[str]:
+def job_events(records: RecordArchive, job_id: str, streams: StreamCount) -> Iterator[str]:
     """The stream's text, counted in ``streams`` while it runs."""
     streams.add(1)
-    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub = records.store.redis.pubsub(ignore_subscribe_messages=True)
     try:
         pubsub.subscribe(keys.job_events_channel(job_id))
         last: JobState | None = None
         while True:
             try:
-                record = store.get(job_id)
+                record = records.get(job_id)
             except JobNotFound:
                 return  # expired while followed: nothing more will happen to it
             if record.state is not last:
