@@ -201,6 +201,9 @@ class Settings(BaseSettings):
     # Live event streams (GET /v1/jobs/{id}/events) one gateway process holds at once; beyond
     # it a new one gets 503, and submits keep their own threads.
     gateway_max_streams: int = Field(256, ge=1)
+    # Fairness: a tenant's jobs submitted while it already has this many queued go one
+    # broker priority step lower, behind other tenants' jobs of the same priority (0: off).
+    gateway_fair_share: int = Field(16, ge=0)
 
     @field_validator("callback_allowlist", "s3_input_buckets", mode="before")
     @classmethod

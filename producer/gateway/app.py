@@ -29,10 +29,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from pydantic import BaseModel, Field, TypeAdapter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from producer.client import Client, JobHandle
+from producer.client import JobHandle
 from producer.gateway import problems
 from producer.gateway.auth import ApiKey, KeyStore
 from producer.gateway.events import StreamCount, job_events
+from producer.gateway.fairness import FairClient, demoted, demotion
 from producer.gateway.problems import BodyTooLarge, Problem, UnsupportedMediaType
 from producer.gateway.quotas import Quotas
 from producer.gateway.usage import Usage, UsageBook, UsageCollector
@@ -84,7 +85,8 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = Client(settings)
+        # Its job messages go one priority step lower while their tenant bursts (fairness.py).
+        self.client = FairClient(settings)
         self.keys = KeyStore(self.client.store.redis)
         self.quotas = Quotas(self.client.store.redis)
         self.usage = UsageBook(self.client.store.redis, settings.job_ttl_s)
@@ -136,7 +138,8 @@ class Gateway:
         reservation = self.quotas.admit(key, 1)
         job_ids: list[str] = []
         try:
-            job_ids.append(submit().job_id)
+            with demotion(demoted(reservation.queued, self.settings.gateway_fair_share)):
+                job_ids.append(submit().job_id)
         finally:
             reservation.settle(job_ids)
         return self.client.status(job_ids[0])
@@ -148,9 +151,11 @@ class Gateway:
         reservation = self.quotas.admit(key, len(specs))
         job_ids: list[str] = []
         try:
-            for i, spec in specs.items():
+            for ahead, (i, spec) in enumerate(specs.items(), start=reservation.queued):
                 try:
-                    job_ids.append(self.submit(spec, key.tenant).job_id)
+                    # The batch's own earlier jobs count towards the tenant's queue.
+                    with demotion(demoted(ahead, self.settings.gateway_fair_share)):
+                        job_ids.append(self.submit(spec, key.tenant).job_id)
                     results[i].job_id = job_ids[-1]
                 except RefineryError as exc:
                     results[i].problem = problems.problem(exc)

@@ -70,7 +70,7 @@ redis.call('EXPIRE', KEYS[1], math.ceil((burst - tokens) / rate) + 1)
 for i = 1, n do
   redis.call('ZADD', KEYS[3], now, reservation .. ':' .. i)
 end
-return {'ok', ''}
+return {'ok', tostring(queued)}
 """
 
 
@@ -82,6 +82,8 @@ class Reservation:
     tenant: str
     reservation_id: str
     count: int
+    # The tenant's jobs queued (or being submitted) before these: producer/gateway/fairness.py.
+    queued: int = 0
 
     def settle(self, job_ids: list[str]) -> None:
         """Swap the reservation for the jobs actually submitted (fewer when some failed)."""
@@ -128,4 +130,4 @@ class Quotas:
                 f"{key.max_queued}",
                 field="max_queued",
             )
-        return Reservation(self, key.tenant, reservation_id, count)
+        return Reservation(self, key.tenant, reservation_id, count, int(detail))
