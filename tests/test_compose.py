@@ -63,7 +63,7 @@ def test_model_workers_serve_the_default_queues_and_name_only_known_ones() -> No
 
 
 def test_services_exist() -> None:
-    for name in ("redis", "minio", "minio-init", "worker-gpu0", "callbacks", "flower"):
+    for name in ("redis", "minio", "minio-init", "worker-gpu0", "callbacks", "gateway", "flower"):
         assert name in SERVICES, name
     assert cpu_refine_workers(), "a CPU refine worker under a profile"
     assert "--queues callbacks" in command(SERVICES["callbacks"])
@@ -143,6 +143,31 @@ def test_each_gpu_worker_reserves_one_nvidia_gpu() -> None:
 def test_published_host_ports_do_not_collide() -> None:
     published = [str(port).rsplit(":", 1)[0] for s in SERVICES.values() for port in s.get("ports", [])]
     assert len(published) == len(set(published)), published
+
+
+def test_gateway_serves_on_its_port_and_checks_readiness() -> None:
+    """`refinery gateway --host 0.0.0.0` in the light image, on the port it publishes, with
+    /readyz (Redis and the bucket answer) as its healthcheck (docs/deploy.md, "8. The HTTP gateway")."""
+    from cli.gateway import gateway as gateway_command
+
+    service = SERVICES["gateway"]
+    argv = service["command"]
+    assert argv == ["refinery", "gateway", "--host", "0.0.0.0"]
+    # The arguments are ones the command takes.
+    assert gateway_command.make_context("gateway", argv[2:]).params["host"] == "0.0.0.0"
+    assert service["image"].startswith("${PRODUCER_IMAGE")
+    assert service["build"]["dockerfile"] == "docker/producer.Dockerfile"
+    env = environment(service)
+    port = env["REFINERY_GATEWAY_PORT"]
+    assert env["REFINERY_REDIS_URL"] and env["REFINERY_S3_BUCKET"]
+    assert [str(p).rsplit(":", 1)[1] for p in service["ports"]] == [port]
+    assert str(service["ports"][0]).startswith("${GATEWAY_PUBLISH:-127.0.0.1:")
+    check = " ".join(service["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{port}/readyz" in check
+    # Ready means the bucket exists: after minio-init made it.
+    assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert service["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    assert service["restart"] == "unless-stopped"
 
 
 def test_flower_has_basic_auth_and_persistent_state() -> None:
