@@ -78,10 +78,13 @@ class Client:
     def submit_generate(self, prompt: str, *, tenant: str | None = None, **fields: Any) -> JobHandle:
         """Queue a generate-and-refine job; see ``shared.contract.GenerateSpec`` for the fields."""
         spec = build_spec(GenerateSpec, prompt=prompt, **fields)
+        return self.submit(spec, seed=self.generate_seed(spec), tenant=tenant)
+
+    def generate_seed(self, spec: GenerateSpec) -> int:
+        """The seed to record for a generate job, once its size is one the preset makes.
+        Drawn here, not in the worker, so a redelivered job makes the same image."""
         get_preset(self.settings.model_preset).check_size(spec.width, spec.height)
-        # Drawn here, not in the worker, so a redelivered job makes the same image.
-        seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
-        return self.submit(spec, seed=seed, tenant=tenant)
+        return spec.seed if spec.seed is not None else secrets.randbelow(2**32)
 
     def submit_pair(self, prompt: str, *, dataset: str, pair_id: str, **fields: Any) -> JobHandle:
         """Queue one dataset pair (see ``shared.contract.PairSpec``); resubmitting the same pair
@@ -111,9 +114,7 @@ class Client:
             decode_image(image, max_bytes=self.settings.max_input_bytes, max_pixels=self.settings.max_input_pixels)
             input_uri = self.storage.job_uri(job_id, "input")
         spec: RefineSpec = build_spec(RefineSpec, input_uri=input_uri, **fields)
-        bucket, _ = parse_s3_uri(spec.input_uri)
-        if bucket not in self.settings.readable_buckets:
-            raise InvalidInput(f"bucket {bucket!r} is not readable by this service", field="input_uri")
+        self.check_readable(spec.input_uri)
         with _broker():
             first = self.store.find_idempotent(spec.idempotency_key) if spec.idempotency_key else None
         if first:
@@ -124,21 +125,38 @@ class Client:
             self.storage.put(spec.input_uri, image, "application/octet-stream")
         return self._submit(spec, job_id=job_id, tenant=tenant)
 
+    def check_readable(self, input_uri: str) -> None:
+        bucket, _ = parse_s3_uri(input_uri)
+        if bucket not in self.settings.readable_buckets:
+            raise InvalidInput(f"bucket {bucket!r} is not readable by this service", field="input_uri")
+
     def submit(self, spec: JobSpec, *, seed: int | None = None, tenant: str | None = None) -> JobHandle:
         """Queue a job of any declared kind from its validated spec (``submit_generate`` and
         the others build theirs and check what only they know first)."""
         self._check(spec)
         return self._submit(spec, seed=seed, tenant=tenant)
 
+    def checked_record(
+        self, spec: JobSpec, *, seed: int | None = None, job_id: str | None = None, tenant: str | None = None
+    ) -> JobRecord:
+        """The record ``submit`` would write, after its checks but the queue's depth: for a
+        writer that checks the depth and writes the record and message in one step itself
+        (the gateway's admission, producer/gateway/admission.py)."""
+        self._check_outside(spec)
+        return JobRecord(job_id=job_id or uuid.uuid4().hex, kind=spec.kind, spec=spec, seed=seed, tenant=tenant)
+
     def _check(self, spec: JobSpec) -> None:
         """The checks that need the outside world (DNS, queue depth): once per submit,
         before anything is written."""
+        self._check_outside(spec)
+        self._admit(self.settings.queue(spec.kind))
+
+    def _check_outside(self, spec: JobSpec) -> None:
         if spec.callback_url:
             check_callback_url(spec.callback_url, self.settings.callback_allowlist)
         # A pin must name a published version (the kinds that refine have the field).
         if pin := getattr(spec, "refiner_version", None):
             self.refiners.get(*parse_ref(pin, field="refiner_version"))
-        self._admit(self.settings.queue(spec.kind))
 
     def _submit(
         self, spec: JobSpec, *, seed: int | None = None, job_id: str | None = None, tenant: str | None = None

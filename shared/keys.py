@@ -63,11 +63,6 @@ def tenant_queued(tenant: str) -> str:
     return f"{PREFIX}:tenant:{tenant}:queued"
 
 
-def tenant_reserved(tenant: str) -> str:
-    """Room held for the tenant's jobs being submitted."""
-    return f"{PREFIX}:tenant:{tenant}:reserved"
-
-
 def tenant_open(tenant: str) -> str:
     """The tenant's jobs not yet counted in its usage (not terminal when last looked at)."""
     return f"{PREFIX}:tenant:{tenant}:open"

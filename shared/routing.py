@@ -7,7 +7,12 @@ its tasks from it.
 
 from __future__ import annotations
 
+import base64
+import uuid
+from typing import Any
+
 from celery import Celery
+from kombu.utils.json import dumps
 
 from shared import keys
 from shared.contract import KINDS, JobRecord
@@ -46,6 +51,31 @@ def send_job(app: Celery, record: JobRecord, settings: Settings) -> None:
         queue=settings.queue(record.kind),
         priority=record.spec.priority.rank,
     )
+
+
+def job_message(app: Celery, record: JobRecord, settings: Settings) -> tuple[str, dict[str, Any]]:
+    """The message ``send_job`` sends for ``record``, and its queue, for a writer that pushes
+    it onto the queue's list itself, in one step with other writes (the gateway's admission,
+    ``producer/gateway/admission.py``): Celery's protocol 2 (its own headers) in kombu's
+    Redis envelope, as docs/deploy.md spells it for producers in other languages.
+    ``properties.priority`` is left out: the writer sets it to the step of the list it pushes
+    to (``shared.broker.queue_lists``), as kombu does, so a redelivered message returns there."""
+    task = KINDS[record.kind].task
+    queue = settings.queue(record.kind)
+    protocol = app.amqp.as_task_v2(record.job_id, task, args=[record.job_id])
+    return queue, {
+        "body": base64.b64encode(dumps(protocol.body).encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": protocol.headers,
+        "properties": {
+            **protocol.properties,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
 
 
 def send_callback(app: Celery, job_id: str, event: str) -> None:

@@ -201,6 +201,9 @@ class Settings(BaseSettings):
     # Live event streams (GET /v1/jobs/{id}/events) one gateway process holds at once; beyond
     # it a new one gets 503, and submits keep their own threads.
     gateway_max_streams: int = Field(256, ge=1)
+    # A request body must arrive within this many seconds, plus one for each 64 KiB received
+    # (slow clients: 408 beyond, and the connection is closed).
+    gateway_body_timeout_s: float = Field(30.0, gt=0)
     # Fairness: a tenant's jobs submitted while it already has this many queued go one
     # broker priority step lower, behind other tenants' jobs of the same priority (0: off).
     gateway_fair_share: int = Field(16, ge=0)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from devstack.stack import LocalStack, free_port, wait_until
-from producer.gateway.fairness import broker_rank, demoted
+from producer.gateway.fairness import broker_rank
 from shared.contract import Priority
 
 pytestmark = pytest.mark.integration
@@ -91,5 +91,3 @@ def test_explicit_priority_combines_with_the_demotion():
     ranks = [Priority.high.rank, Priority.normal.rank, Priority.low.rank]
     assert [broker_rank(rank, False) for rank in ranks] == [0, 3, 6]
     assert [broker_rank(rank, True) for rank in ranks] == [3, 6, 9]
-    assert not demoted(10**6, 0)  # REFINERY_GATEWAY_FAIR_SHARE=0: off
-    assert [demoted(queued, 16) for queued in (0, 15, 16)] == [False, False, True]

@@ -1,11 +1,12 @@
 """The HTTP gateway: the job contract over HTTP, for tenants holding API keys.
 
 A stateless ASGI app: everything it knows lives in Redis and S3, so any number of replicas
-serve behind a load balancer. Submits go through the producer library
+serve behind a load balancer. Submits are checked by the producer library
 (``producer.client.Client``): the same contract, the same checks and the same error codes
 as the CLI and the Python API, answered as RFC 9457 problem details
-(``producer.gateway.problems``). Each job records its tenant; a tenant sees, follows and
-cancels only its own.
+(``producer.gateway.problems``); then a request's jobs are admitted, quotas, fairness and
+writes, in one round trip to Redis (``producer.gateway.admission``). Each job records its
+tenant; a tenant sees, follows and cancels only its own.
 
     uvicorn --factory producer.gateway.app:create_app     # or: refinery gateway
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -29,13 +31,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from pydantic import BaseModel, Field, TypeAdapter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from producer.client import JobHandle
+from producer.client import Client
 from producer.gateway import problems
+from producer.gateway.admission import Admission
 from producer.gateway.auth import ApiKey, KeyStore
-from producer.gateway.events import StreamCount, job_events
-from producer.gateway.fairness import FairClient, demoted, demotion
-from producer.gateway.problems import BodyTooLarge, Problem, UnsupportedMediaType
-from producer.gateway.quotas import Quotas
+from producer.gateway.events import EventStream, StreamSlots
+from producer.gateway.problems import (
+    BodyTooLarge,
+    Problem,
+    RequestTimeout,
+    StreamsExhausted,
+    UnsupportedMediaType,
+)
 from producer.gateway.usage import Usage, UsageBook, UsageCollector
 from shared.contract import (
     GenerateSpec,
@@ -48,6 +55,7 @@ from shared.contract import (
     parse_s3_uri,
 )
 from shared.errors import InvalidInput, JobNotFound, RefineryError, StorageUnavailable
+from shared.images import decode_image
 from shared.settings import Settings, get_settings
 
 API_VERSION = "1"
@@ -61,11 +69,8 @@ JobSubmission = Annotated[GenerateSpec | RefineSpec, Field(discriminator="kind")
 # Threads the app keeps for everything but event streams (Starlette's default pool size).
 _WORK_THREADS = 40
 
-
-class StreamsExhausted(RefineryError):
-    """This replica already follows as many event streams as it may."""
-
-    code = "too_many_streams"
+# Bytes per second a request body earns beyond REFINERY_GATEWAY_BODY_TIMEOUT_S (read_body).
+BODY_MIN_RATE = 64 * 1024
 
 
 class BatchItem(BaseModel):
@@ -81,39 +86,43 @@ class BatchResult(BaseModel):
 
 
 class Gateway:
-    """What every request shares: the producer client and the tenants' books in Redis."""
+    """What every request shares: the producer client, admission and the tenants' books in Redis."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # Its job messages go one priority step lower while their tenant bursts (fairness.py).
-        self.client = FairClient(settings)
+        self.client = Client(settings)
         self.keys = KeyStore(self.client.store.redis)
-        self.quotas = Quotas(self.client.store.redis)
+        self.admission = Admission(self.client)
         self.usage = UsageBook(self.client.store.redis, settings.job_ttl_s)
-        self.streams = StreamCount()
+        self.streams = StreamSlots(settings.gateway_max_streams)
 
-    def validate(self, item: Any, idempotency_key: str | None) -> JobSpec:
-        """One job of a request, checked against the contract before any quota is spent."""
+    def validate(self, item: Any, tenant: str, idempotency_key: str | None) -> JobSpec:
+        """One job of a request, checked against the contract before any quota is spent.
+        Its idempotency key (the header's, else the body's) is the tenant's own: stored as
+        ``<tenant>:<key>``, so another tenant's same key neither returns nor reveals the job."""
         if not isinstance(item, dict):
             raise InvalidInput("a job must be a JSON object", field="body")
         kind = item.get("kind")
         spec_type = KINDS.get(kind) if isinstance(kind, str) else None
         if spec_type is None:
             raise InvalidInput(f"kind must be one of {', '.join(KINDS)}", field="kind")
-        if idempotency_key is not None:
-            item = {**item, "idempotency_key": idempotency_key}
+        if idempotency_key is None:
+            idempotency_key = item.get("idempotency_key")
+        if isinstance(idempotency_key, str):  # anything else: the contract refuses it below
+            item = {**item, "idempotency_key": scoped(tenant, idempotency_key)}
         return build_spec(spec_type, **item)
 
-    def submit(self, spec: JobSpec, tenant: str) -> JobHandle:
-        """A checked job through the producer library, which checks it again with what only
-        it knows (the preset's sizes, the callback's address, the queue's depth)."""
-        fields = spec.model_dump(exclude_unset=True, exclude={"kind"})
-        if spec.idempotency_key:
-            fields["idempotency_key"] = scoped(tenant, spec.idempotency_key)
+    def prepare(self, spec: JobSpec, tenant: str, job_id: str | None = None) -> JobRecord:
+        """A checked job's record, after the checks only the producer library can make (the
+        preset's sizes, the input's bucket, the callback's address, a pinned refiner) and
+        the tenant's own (its inputs)."""
+        seed = None
         if isinstance(spec, GenerateSpec):
-            return self.client.submit_generate(fields.pop("prompt"), tenant=tenant, **fields)
-        self.check_input(fields["input_uri"], tenant)
-        return self.client.submit_refine(tenant=tenant, **fields)
+            seed = self.client.generate_seed(spec)
+        elif isinstance(spec, RefineSpec):
+            self.client.check_readable(spec.input_uri)
+            self.check_input(spec.input_uri, tenant)
+        return self.client.checked_record(spec, seed=seed, job_id=job_id, tenant=tenant)
 
     def check_input(self, uri: str, tenant: str) -> None:
         """In the service's own bucket a tenant may refine only its own jobs' objects: else
@@ -133,34 +142,60 @@ class Gateway:
                 field="input_uri",
             ) from None
 
-    def submit_one(self, key: ApiKey, submit: Callable[[], JobHandle]) -> JobRecord:
-        """One job within its tenant's quota: ``submit`` runs once room is held for it."""
-        reservation = self.quotas.admit(key, 1)
-        job_ids: list[str] = []
-        try:
-            with demotion(demoted(reservation.queued, self.settings.gateway_fair_share)):
-                job_ids.append(submit().job_id)
-        finally:
-            reservation.settle(job_ids)
-        return self.client.status(job_ids[0])
+    def submit_one(self, key: ApiKey, spec: JobSpec) -> JobRecord:
+        """One job, admitted in one round trip; the record as it stands once queued (or
+        the first job made with its idempotency key)."""
+        record = self.prepare(spec, key.tenant)
+        (outcome,) = self.admission.admit(key, [record])
+        if isinstance(outcome, RefineryError):
+            raise outcome
+        return record if outcome.created else self.client.status(outcome.job_id)
 
     def submit_many(self, key: ApiKey, specs: dict[int, JobSpec], results: list[BatchItem]) -> None:
-        """A batch's checked jobs: the quota for all of them in one step, then each through
-        the producer, refused one by one (queue_full, a callback URL refused) without
-        failing the rest."""
-        reservation = self.quotas.admit(key, len(specs))
-        job_ids: list[str] = []
+        """A batch's valid jobs, checked one by one (a callback URL refused fails that job
+        only), then admitted together in one round trip: the quotas for all of them, and a
+        place or ``queue_full`` for each."""
+        records: dict[int, JobRecord] = {}
+        for i, spec in specs.items():
+            try:
+                records[i] = self.prepare(spec, key.tenant)
+            except RefineryError as exc:
+                results[i].problem = problems.problem(exc)
+        if not records:
+            return
+        for i, outcome in zip(records, self.admission.admit(key, list(records.values())), strict=True):
+            if isinstance(outcome, RefineryError):
+                results[i].problem = problems.problem(outcome)
+            else:
+                results[i].job_id = outcome.job_id
+
+    def submit_upload(self, key: ApiKey, image: bytes, fields: dict[str, Any]) -> JobRecord:
+        """A refine-only job for an uploaded image. The image is checked, then the job's
+        admission asked without writing (quota, idempotency key): only then is the image
+        stored, and the job admitted; a refusal in between deletes the image again."""
+        settings = self.settings
+        decode_image(image, max_bytes=settings.max_input_bytes, max_pixels=settings.max_input_pixels)
+        job_id = uuid.uuid4().hex
+        spec = build_spec(RefineSpec, input_uri=self.client.storage.job_uri(job_id, "input"), **fields)
+        record = self.client.checked_record(spec, job_id=job_id, tenant=key.tenant)
+        self.client.check_readable(spec.input_uri)
+        (peek,) = self.admission.admit(key, [record], write=False)
+        if isinstance(peek, RefineryError):
+            raise peek
+        if not peek.created:
+            return self.client.status(peek.job_id)
+        self.client.storage.put(spec.input_uri, image, "application/octet-stream")
         try:
-            for ahead, (i, spec) in enumerate(specs.items(), start=reservation.queued):
-                try:
-                    # The batch's own earlier jobs count towards the tenant's queue.
-                    with demotion(demoted(ahead, self.settings.gateway_fair_share)):
-                        job_ids.append(self.submit(spec, key.tenant).job_id)
-                    results[i].job_id = job_ids[-1]
-                except RefineryError as exc:
-                    results[i].problem = problems.problem(exc)
-        finally:
-            reservation.settle(job_ids)
+            (outcome,) = self.admission.admit(key, [record])
+            if isinstance(outcome, RefineryError):
+                raise outcome
+        except BaseException:
+            self.client.storage.delete(spec.input_uri)
+            raise
+        if not outcome.created:  # the same key, admitted by another request meanwhile
+            self.client.storage.delete(spec.input_uri)
+            return self.client.status(outcome.job_id)
+        return record
 
     def own(self, job_id: str, tenant: str) -> JobRecord:
         """The tenant's job; another tenant's is exactly as unknown as a missing one."""
@@ -218,18 +253,34 @@ def accepted(record: JobRecord) -> Response:
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` (declared or sent)."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` (declared or sent),
+    and with 408 unless it arrives within ``timeout_s``, plus a second for each
+    ``BODY_MIN_RATE`` bytes received (as Apache's mod_reqtimeout does): a client that
+    trickles its body holds a connection that long, and no more."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit}", field="body")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body is over the limit of {limit} bytes", field="body")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    chunks: list[bytes] = []
+    size = 0
+    deadline = time.monotonic() + timeout_s
+    stream = request.stream()
+    while True:
+        with anyio.move_on_after(deadline - time.monotonic()):
+            try:
+                chunk = await anext(stream)
+            except StopAsyncIteration:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body is over the limit of {limit} bytes", field="body")
+            chunks.append(chunk)
+            deadline += len(chunk) / BODY_MIN_RATE
+            continue
+        raise RequestTimeout(
+            f"request body incomplete after {timeout_s:g} s (and 1 s per {BODY_MIN_RATE} bytes received)",
+            field="body",
+        )
 
 
 def parse_json(body: bytes) -> Any:
@@ -310,9 +361,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def submit_job(request: Request, key: Key, idempotency_key: IdempotencyKey = None) -> Response:
         """Queue one job; `kind` in the body picks its contract."""
-        body = parse_json(await read_body(request, settings.gateway_max_body_bytes))
-        spec = gateway.validate(body, idempotency_key)
-        record = await run_in_threadpool(gateway.submit_one, key, lambda: gateway.submit(spec, key.tenant))
+        body = parse_json(await read_body(request, settings.gateway_max_body_bytes, settings.gateway_body_timeout_s))
+        spec = gateway.validate(body, key.tenant, idempotency_key)
+        record = await run_in_threadpool(gateway.submit_one, key, spec)
         return accepted(record)
 
     @app.post(
@@ -324,7 +375,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Queue up to REFINERY_GATEWAY_MAX_BATCH jobs, each checked on its own: the answer
         lists, in order, each job's id or the problem that refused it. With an
         Idempotency-Key header K, job i gets the key `K.i`."""
-        body = parse_json(await read_body(request, settings.gateway_max_body_bytes))
+        body = parse_json(await read_body(request, settings.gateway_max_body_bytes, settings.gateway_body_timeout_s))
         items = body.get("jobs") if isinstance(body, dict) else None
         if not isinstance(items, list) or not items:
             raise InvalidInput("expected an object with a non-empty list 'jobs'", field="jobs")
@@ -334,7 +385,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         specs: dict[int, JobSpec] = {}
         for i, item in enumerate(items):
             try:
-                specs[i] = gateway.validate(item, f"{idempotency_key}.{i}" if idempotency_key else None)
+                specs[i] = gateway.validate(item, key.tenant, f"{idempotency_key}.{i}" if idempotency_key else None)
             except RefineryError as exc:
                 results[i].problem = problems.problem(exc)
         if specs:
@@ -372,7 +423,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if not (media.startswith("image/") or media == "application/octet-stream"):
             raise UnsupportedMediaType("send the image as the raw body, Content-Type image/*", field="content-type")
-        image = await read_body(request, settings.max_input_bytes)
+        image = await read_body(request, settings.max_input_bytes, settings.gateway_body_timeout_s)
         fields: dict[str, Any] = {"output_format": output_format, "priority": priority, "keep_input": keep_input}
         optional = {"callback_url": callback_url, "deadline_s": deadline_s, "refiner_version": refiner_version}
         fields.update({name: value for name, value in optional.items() if value is not None})
@@ -383,10 +434,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 fields["metadata"] = json.loads(metadata)
             except (ValueError, RecursionError):
                 raise InvalidInput("must be a JSON object", field="metadata") from None
-        # The producer checks the image and the fields: a refused upload has spent its rate.
-        record = await run_in_threadpool(
-            gateway.submit_one, key, lambda: gateway.client.submit_refine(image=image, tenant=key.tenant, **fields)
-        )
+        record = await run_in_threadpool(gateway.submit_upload, key, image, fields)
         return accepted(record)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobRecord)
@@ -408,14 +456,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Server-Sent Events: one event per state change (named after the state, the record
         as data) until a terminal state, then the stream ends."""
         gateway.own(job_id, key.tenant)
-        if gateway.streams.active >= settings.gateway_max_streams:
+        if not gateway.streams.take():
             raise StreamsExhausted(f"this replica follows {settings.gateway_max_streams} streams already; retry")
-        return StreamingResponse(
-            job_events(gateway.client.records, job_id, gateway.streams),
-            media_type="text/event-stream",
-            # Proxies (nginx) must pass each event on as it comes.
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        try:
+            return EventStream(gateway.client.records, job_id, gateway.streams)
+        except BaseException:
+            gateway.streams.give_back()
+            raise
 
     @app.get("/v1/usage", response_model=Usage)
     def usage(key: Key) -> Usage:

@@ -4,12 +4,23 @@ Built on the channel every record change is published on (``shared.records``), a
 ``RecordStore.wait`` is: subscribe first, then read the record, so no change falls between
 the two. Each event carries the whole record. A comment line goes out when nothing changed
 for ``KEEPALIVE_S``, which keeps proxies from closing the stream and finds clients that left.
+
+Each stream holds a thread while it waits, so a process follows at most
+``REFINERY_GATEWAY_MAX_STREAMS`` at once: a stream takes a slot before its response starts
+(``StreamSlots.take``, exact under a lock: a flood of requests cannot overshoot it) and its
+response gives it back when it ends, however it ends (finished, the client gone, never
+started). The wait polls the channel every ``POLL_S``, so a thread whose client left is
+free again within that.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from shared import keys
 from shared.archive import RecordArchive
@@ -17,30 +28,55 @@ from shared.contract import JobState
 from shared.errors import JobNotFound
 
 KEEPALIVE_S = 15.0
+POLL_S = 1.0
 
 
-class StreamCount:
-    """The streams this process is serving. Counted by the streams themselves, from their
-    first step to their end, so a response that never started holds nothing; the cap
-    checked against it is approximate (two requests at once may both pass), which is all
-    a guard against exhausting threads needs."""
+class StreamSlots:
+    """The event streams this process may serve at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
         self.active = 0
         self._lock = threading.Lock()
 
-    def add(self, n: int) -> None:
+    def take(self) -> bool:
         with self._lock:
-            self.active += n
+            if self.active >= self.limit:
+                return False
+            self.active += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.active -= 1
 
 
-def job_events(records: RecordArchive, job_id: str, streams: StreamCount) -> Iterator[str]:
-    """The stream's text, counted in ``streams`` while it runs."""
-    streams.add(1)
+class EventStream(StreamingResponse):
+    """A job's events as ``text/event-stream``, holding one of ``slots`` until it ends."""
+
+    def __init__(self, records: RecordArchive, job_id: str, slots: StreamSlots) -> None:
+        super().__init__(
+            job_events(records, job_id),
+            media_type="text/event-stream",
+            # Proxies (nginx) must pass each event on as it comes.
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.slots = slots
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slots.give_back()
+
+
+def job_events(records: RecordArchive, job_id: str) -> Iterator[str]:
+    """The stream's text."""
     pubsub = records.store.redis.pubsub(ignore_subscribe_messages=True)
     try:
         pubsub.subscribe(keys.job_events_channel(job_id))
         last: JobState | None = None
+        quiet_since = time.monotonic()
         while True:
             try:
                 record = records.get(job_id)
@@ -48,11 +84,14 @@ def job_events(records: RecordArchive, job_id: str, streams: StreamCount) -> Ite
                 return  # expired while followed: nothing more will happen to it
             if record.state is not last:
                 last = record.state
+                quiet_since = time.monotonic()
                 yield f"event: {record.state.value}\ndata: {record.model_dump_json()}\n\n"
             if record.state.terminal:
                 return
-            if pubsub.get_message(timeout=KEEPALIVE_S) is None:
-                yield ": keep-alive\n\n"
+            # Until the job's channel speaks; a comment after KEEPALIVE_S of silence.
+            while pubsub.get_message(timeout=POLL_S) is None:
+                if time.monotonic() - quiet_since >= KEEPALIVE_S:
+                    quiet_since = time.monotonic()
+                    yield ": keep-alive\n\n"
     finally:
         pubsub.close()
-        streams.add(-1)

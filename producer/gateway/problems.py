@@ -55,6 +55,18 @@ class BodyTooLarge(InvalidInput):
     code = "body_too_large"
 
 
+class RequestTimeout(RefineryError):
+    """The request body did not arrive in time (``producer.gateway.app.read_body``)."""
+
+    code = "request_timeout"
+
+
+class StreamsExhausted(RefineryError):
+    """This replica already follows as many event streams as it may."""
+
+    code = "too_many_streams"
+
+
 class UnsupportedMediaType(InvalidInput):
     code = "unsupported_media_type"
 
@@ -76,12 +88,14 @@ _STATUS: list[tuple[type[RefineryError], int]] = [
     (UnsupportedMediaType, 415),
     (InvalidInput, 400),
     (Unauthorized, 401),
+    (RequestTimeout, 408),
     (JobNotFound, 404),
     (RateLimited, 429),
     (QueuedCapReached, 429),
     (QueueFull, 429),
     (BrokerUnavailable, 503),
     (StorageUnavailable, 503),
+    (StreamsExhausted, 503),
 ]
 
 # How long a client refused for load (not for its own rate) should wait before retrying.
