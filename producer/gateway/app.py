@@ -295,9 +295,13 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid input (`invalid_input` and its kin, with `field`)", **_PROBLEM},
     401: {"description": "Missing, unknown or revoked API key", **_PROBLEM},
     404: {"description": "No such job for this tenant", **_PROBLEM},
+    408: {"description": "`request_timeout`: the request body did not arrive in time", **_PROBLEM},
     413: {"description": "Request body over the limit", **_PROBLEM},
     429: {"description": "`rate_limited`, `max_queued` or `queue_full`; see Retry-After", **_PROBLEM},
-    503: {"description": "`broker_unavailable` or `storage_unavailable`; see Retry-After", **_PROBLEM},
+    503: {
+        "description": "`broker_unavailable`, `storage_unavailable` or `too_many_streams`; see Retry-After",
+        **_PROBLEM,
+    },
 }
 
 

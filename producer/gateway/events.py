@@ -9,16 +9,18 @@ Each stream holds a thread while it waits, so a process follows at most
 ``REFINERY_GATEWAY_MAX_STREAMS`` at once: a stream takes a slot before its response starts
 (``StreamSlots.take``, exact under a lock: a flood of requests cannot overshoot it) and its
 response gives it back when it ends, however it ends (finished, the client gone, never
-started). The wait polls the channel every ``POLL_S``, so a thread whose client left is
-free again within that.
+started). The wait returns to the event loop every ``POLL_S`` (``job_events`` yields None
+when it has nothing to send), so a stream whose client left ends, and gives its thread and
+slot back, within that.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Generator
 
+import anyio.to_thread
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -56,7 +58,7 @@ class EventStream(StreamingResponse):
 
     def __init__(self, records: RecordArchive, job_id: str, slots: StreamSlots) -> None:
         super().__init__(
-            job_events(records, job_id),
+            _in_threads(job_events(records, job_id)),
             media_type="text/event-stream",
             # Proxies (nginx) must pass each event on as it comes.
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -70,8 +72,27 @@ class EventStream(StreamingResponse):
             self.slots.give_back()
 
 
-def job_events(records: RecordArchive, job_id: str) -> Iterator[str]:
-    """The stream's text."""
+_END = object()
+Events = Generator[str | None, None, None]
+
+
+def _step(events: Events) -> object:
+    return next(events, _END)
+
+
+async def _in_threads(events: Events) -> AsyncIterator[str]:
+    """``events`` stepped in worker threads, one short step at a time (Starlette's own
+    wrapper would hold its thread for the whole wait)."""
+    try:
+        while (item := await anyio.to_thread.run_sync(_step, events)) is not _END:
+            if isinstance(item, str):
+                yield item
+    finally:
+        events.close()
+
+
+def job_events(records: RecordArchive, job_id: str) -> Events:
+    """The stream's text, and None each ``POLL_S`` that had nothing to send."""
     pubsub = records.store.redis.pubsub(ignore_subscribe_messages=True)
     try:
         pubsub.subscribe(keys.job_events_channel(job_id))
@@ -93,5 +114,7 @@ def job_events(records: RecordArchive, job_id: str) -> Iterator[str]:
                 if time.monotonic() - quiet_since >= KEEPALIVE_S:
                     quiet_since = time.monotonic()
                     yield ": keep-alive\n\n"
+                else:
+                    yield None
     finally:
         pubsub.close()

@@ -134,6 +134,9 @@ def response(error: RefineryError) -> JSONResponse:
         headers["Retry-After"] = str(seconds)
     if isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="refinery"'
+    if isinstance(error, BodyTooLarge | RequestTimeout):
+        # The rest of the body is not read: the connection cannot carry another request.
+        headers["Connection"] = "close"
     return JSONResponse(body.model_dump(), status_code=body.status, headers=headers, media_type=MEDIA_TYPE)
 
 
