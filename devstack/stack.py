@@ -21,6 +21,7 @@ import httpx
 import redis
 
 from shared import keys
+from shared.archive import RECORD_NAME
 from shared.objects import ObjectStore
 from shared.records import RecordStore
 from shared.routing import default_queues
@@ -170,6 +171,19 @@ class LocalStack:
             log=self.logs / f"{name}.log",
         )
         return process
+
+    def results(self) -> dict[str, list[str]]:
+        """The objects jobs wrote, by job id: file names under ``jobs/<id>/``, without the
+        archived record (``job.json``), which every finished job has."""
+        prefix = f"{self.settings.s3_prefix}/jobs/"
+        pages = ObjectStore(self.settings).client.get_paginator("list_objects_v2")
+        found: dict[str, list[str]] = {}
+        for page in pages.paginate(Bucket=self.settings.s3_bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                job_id, name = obj["Key"].removeprefix(prefix).split("/", 1)
+                if name != RECORD_NAME:
+                    found.setdefault(job_id, []).append(name)
+        return found
 
     def wait_callbacks_settled(self, settings: Settings | None = None, timeout_s: float = 60) -> None:
         """Wait until every callback message sent so far is delivered or abandoned: the

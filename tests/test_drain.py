@@ -18,18 +18,10 @@ from devstack.stack import LocalStack, wait_until
 from producer.client import Client
 from shared.broker import queue_depth
 from shared.contract import JobState
-from shared.objects import ObjectStore
 
 pytestmark = pytest.mark.integration
 
 LONG = 1024  # a batch of a few seconds on this CPU: long enough to be caught on the model
-
-
-def _objects(stack: LocalStack) -> list[str]:
-    listed = ObjectStore(stack.settings).client.list_objects_v2(
-        Bucket=stack.settings.s3_bucket, Prefix=f"{stack.settings.s3_prefix}/jobs/"
-    )
-    return [obj["Key"] for obj in listed.get("Contents", [])]
 
 
 def _unfinished(client: Client, job_ids: list[str]) -> list[str]:
@@ -70,7 +62,7 @@ def test_sigterm_finishes_the_batch_on_the_model_and_hands_back_the_rest_at_once
         records = [client.wait(j, 180) for j in job_ids]
         wait_until(lambda: len(receiver.requests) >= len(job_ids), timeout_s=60, what="callbacks")
         stack.wait_callbacks_settled()  # a duplicate, if there were one, has arrived too
-        keys_written = _objects(stack)
+        results = stack.results()
         log = (stack.logs / "leaving.log").read_text()
 
     print(f"drain took {drain_s:.1f} s; {len(job_ids) - len(left)} jobs finished there, {len(left)} handed back")
@@ -87,7 +79,7 @@ def test_sigterm_finishes_the_batch_on_the_model_and_hands_back_the_rest_at_once
     assert all(r.state is JobState.succeeded for r in records), [r.error for r in records]
     assert all(r.attempts == 1 for r in records), "a handed-back job counted an attempt, or ran twice"
     assert {r.job_id for r in records if r.worker == "staying@localstack"} == set(left)
-    assert sorted(keys_written) == sorted(f"{stack.settings.s3_prefix}/jobs/{j}/refined.png" for j in job_ids)
+    assert results == {j: ["refined.png"] for j in job_ids}
     delivered = Counter(next(j for j in job_ids if j in body) for body in receiver.requests)
     assert delivered == Counter({j: 1 for j in job_ids})
 
@@ -113,7 +105,7 @@ def test_a_batch_longer_than_the_drain_timeout_is_handed_back_too(tmp_path):
 
         stack.start_worker("staying")
         records = [client.wait(j, 180) for j in job_ids]
-        keys_written = _objects(stack)
+        results = stack.results()
 
     assert status == 0, log[-3000:]
     assert "outlived 0.5 s; handed back" in log
@@ -121,4 +113,4 @@ def test_a_batch_longer_than_the_drain_timeout_is_handed_back_too(tmp_path):
     assert depth == len(job_ids)
     assert "leaving@localstack" not in live
     assert all(r.state is JobState.succeeded and r.attempts == 1 and r.worker == "staying@localstack" for r in records)
-    assert sorted(keys_written) == sorted(f"{stack.settings.s3_prefix}/jobs/{j}/refined.png" for j in job_ids)
+    assert results == {j: ["refined.png"] for j in job_ids}

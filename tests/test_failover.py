@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import cast
 
@@ -23,9 +24,8 @@ from devstack.stack import LocalStack, wait_until
 from producer import preflight
 from producer.client import Client, JobHandle
 from shared.broker import make_celery, queue_lists
-from shared.contract import JobRecord, JobState
+from shared.contract import JobState
 from shared.errors import BrokerUnavailable, InvalidInput
-from shared.objects import ObjectStore
 from shared.redis_client import connect, min_replicas_ack, parse_sentinel_url, sentinel_topology
 from shared.settings import Settings
 
@@ -63,17 +63,6 @@ def _drop_message(client: Client, job_id: str) -> None:
                 client.store.redis.lrem(name, 1, raw.decode())
                 return
     raise AssertionError(f"no message for job {job_id}")
-
-
-def _result_keys(stack: LocalStack) -> dict[str, list[str]]:
-    """The objects under jobs/, by job id."""
-    prefix = f"{stack.settings.s3_prefix}/jobs/"
-    listed = ObjectStore(stack.settings).client.list_objects_v2(Bucket=stack.settings.s3_bucket, Prefix=prefix)
-    by_job: dict[str, list[str]] = defaultdict(list)
-    for obj in listed.get("Contents", []):
-        job_id, name = obj["Key"].removeprefix(prefix).split("/", 1)
-        by_job[job_id].append(name)
-    return by_job
 
 
 def test_sentinel_urls_are_read_as_celery_spells_them() -> None:
@@ -136,9 +125,8 @@ def test_primary_killed_mid_run_loses_nothing_and_runs_nothing_twice(tmp_path, r
         )
         at_kill = Counter(client.status(j.job_id).state for j in jobs)
         # A producer already waiting (pub/sub) when the primary dies.
-        waited: list[JobRecord] = []
-        waiter = threading.Thread(target=lambda: waited.append(jobs[-1].wait(120)), daemon=True)
-        waiter.start()
+        waiter = ThreadPoolExecutor(1)
+        waiting = waiter.submit(jobs[-1].wait, 120)
         killed_at = datetime.now(UTC)
         producer = FailoverProducer(client)
         ha.kill_primary()
@@ -149,13 +137,14 @@ def test_primary_killed_mid_run_loses_nothing_and_runs_nothing_twice(tmp_path, r
         after = sentinel_topology(ha.settings)
 
         records = [j.wait(120) for j in jobs]
-        waiter.join(60)
+        waited = waiting.result(60)  # raises what the waiter raised, if it did
+        waiter.shutdown()
         orphaned = orphan.wait(120)
         producer.thread.join(60)
         during = [h.wait(120) for h in producer.handles]
         wait_until(lambda: len(receiver.requests) >= JOBS, timeout_s=60, what="callbacks")
         stack.wait_callbacks_settled(ha.settings)  # a duplicate, if there were one, has arrived too
-        results = _result_keys(stack)
+        results = stack.results()
         worker_log = (stack.logs / "worker.log").read_text()
         finished = time.monotonic() - started
 
@@ -175,7 +164,7 @@ def test_primary_killed_mid_run_loses_nothing_and_runs_nothing_twice(tmp_path, r
     )
     assert after["primary"] == f"127.0.0.1:{ha.replica_port}" and after["sentinels"] == 3
     assert all(r.state is JobState.succeeded for r in records), [(r.state, r.error) for r in records]
-    assert [r.job_id for r in waited] == [jobs[-1].job_id] and waited[0].state is JobState.succeeded
+    assert waited.job_id == jobs[-1].job_id and waited.state is JobState.succeeded
     assert all(r.attempts == 1 for r in records), [r.attempts for r in records]
     assert all(results[r.job_id] == ["refined.png"] for r in records), {r.job_id: results[r.job_id] for r in records}
     delivered = Counter(json.loads(body)["data"]["job_id"] for body in receiver.requests)

@@ -17,19 +17,11 @@ from devstack.stack import LocalStack, wait_until
 from producer.client import Client
 from shared import keys
 from shared.contract import GenerateSpec, JobRecord, JobState
-from shared.objects import ObjectStore
 
 pytestmark = pytest.mark.integration
 
 SIZE = 64
 LONG = 1024  # a job of a few seconds on this CPU: long enough to be caught running
-
-
-def _objects(stack: LocalStack) -> list[str]:
-    listed = ObjectStore(stack.settings).client.list_objects_v2(
-        Bucket=stack.settings.s3_bucket, Prefix=f"{stack.settings.s3_prefix}/jobs/"
-    )
-    return [obj["Key"] for obj in listed.get("Contents", [])]
 
 
 def _wait_running(client: Client, job_ids: list[str], timeout_s: float = 60) -> None:
@@ -56,12 +48,12 @@ def test_worker_killed_mid_batch_loses_nothing_and_runs_nothing_twice(tmp_path, 
         records = [j.wait(180) for j in jobs]
         wait_until(lambda: len(receiver.requests) >= len(jobs), timeout_s=60, what="callbacks")
         stack.wait_callbacks_settled()  # a duplicate, if there were one, has arrived too
-        keys_written = _objects(stack)
+        results = stack.results()
 
     assert all(r.state is JobState.succeeded for r in records), [r.error for r in records]
     assert all(r.worker == "rescuer@localstack" for r in records)
     assert max(r.attempts for r in records) == 2  # those caught running ran again, once
-    assert sorted(keys_written) == sorted(f"{stack.settings.s3_prefix}/jobs/{r.job_id}/refined.png" for r in records)
+    assert results == {r.job_id: ["refined.png"] for r in records}
     delivered = Counter(next(r.job_id for r in records if r.job_id in body) for body in receiver.requests)
     assert delivered == Counter({r.job_id: 1 for r in records})
 
@@ -74,11 +66,11 @@ def test_redelivered_long_job_is_held_back_by_its_lease(tmp_path):
         client = Client(stack.settings)
         record = client.submit_generate("portrait", seed=1, width=LONG, height=LONG).wait(180)
         log = (stack.logs / "worker.log").read_text()
-        keys_written = _objects(stack)
+        results = stack.results()
 
     assert record.state is JobState.succeeded and record.attempts == 1
     assert f"job {record.job_id}: not run now (running" in log, "the message was never redelivered: no test"
-    assert keys_written == [f"{stack.settings.s3_prefix}/jobs/{record.job_id}/refined.png"]
+    assert results == {record.job_id: ["refined.png"]}
 
 
 def test_job_that_kills_its_worker_every_time_ends_worker_lost(tmp_path):
@@ -129,10 +121,10 @@ def test_upload_rides_out_a_short_s3_outage(tmp_path):
         )
         stack.start_s3()  # a fresh S3 (moto keeps nothing), bucket recreated
         record = job.wait(120)
-        keys_written = _objects(stack)
+        results = stack.results()
 
     assert record.state is JobState.succeeded and record.attempts == 1
-    assert keys_written == [f"{stack.settings.s3_prefix}/jobs/{record.job_id}/refined.png"]
+    assert results == {record.job_id: ["refined.png"]}
 
 
 def test_s3_outage_longer_than_the_budget_fails_storage_unavailable(tmp_path):
@@ -224,12 +216,12 @@ def test_cancel_while_running_publishes_nothing(tmp_path, receiver):
         # The worker lets go of a cancelled job (clears its lease) once it is done with it.
         wait_until(lambda: client.status(job.job_id).lease_owner is None, timeout_s=120, what="worker done")
         final = job.status()
-        keys_written = _objects(stack)
+        results = stack.results()
         after = client.submit_generate("portrait", seed=2, width=SIZE, height=SIZE).wait(60)
         wait_until(lambda: len(receiver.requests) >= 1, timeout_s=30, what="cancel callback")
         stack.wait_callbacks_settled()  # a second callback, if there were one, has arrived too
 
     assert final.state is JobState.cancelled and final.result is None
-    assert keys_written == []
+    assert results == {}
     assert after.state is JobState.succeeded
     assert len(receiver.requests) == 1 and '"job.cancelled"' in receiver.requests[0]

@@ -102,16 +102,12 @@ def test_two_workers_share_a_burst_and_none_runs_twice(tmp_path):
         client = Client(stack.settings)
         handles = [client.submit_generate("portrait", seed=s, width=SIZE, height=SIZE) for s in range(16)]
         records = [h.wait(120) for h in handles]
-        listed = client.storage.client.list_objects_v2(
-            Bucket=stack.settings.s3_bucket, Prefix=f"{stack.settings.s3_prefix}/jobs/"
-        )
+        results = stack.results()
 
     assert all(r.state is JobState.succeeded and r.attempts == 1 for r in records)
     by_worker = Counter(r.worker for r in records)
     assert set(by_worker) == {"one@localstack", "two@localstack"}
-    # Each job's results (its record, job.json, lies beside them since the archive).
-    keys = [obj["Key"] for obj in listed["Contents"] if not obj["Key"].endswith("/job.json")]
-    assert sorted(keys) == sorted(f"{stack.settings.s3_prefix}/jobs/{r.job_id}/refined.png" for r in records)
+    assert results == {r.job_id: ["refined.png"] for r in records}
 
 
 def test_flower_lists_the_worker_and_its_finished_tasks(tmp_path):
