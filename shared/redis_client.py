@@ -20,7 +20,7 @@ import redis
 from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.exceptions import ReadOnlyError
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from shared.errors import InvalidInput
 from shared.settings import Settings
@@ -75,6 +75,32 @@ class DeadlineRetry(Retry):
                 if left <= 0:
                     raise
                 time.sleep(min(self._backoff.compute(failures), left))
+
+
+class PrimaryConnection(SentinelManagedConnection):
+    """A connection to the node the Sentinels name as primary, that checks it is one.
+
+    Two ways redis-py (8.2) can land on a replica after a failover, both seen in
+    tests/test_failover.py as a job that read as unknown: a command retried on a broken
+    connection reconnects to the address it had (``send_packed_command`` calls
+    ``connect_check_health``, not ``connect``), which may be the old primary restarted as a
+    replica and still empty; and a Sentinel that has not yet learnt of the failover names
+    the old primary. So every reconnect goes through the Sentinels, and the role is checked
+    once per connection as the Sentinel client guidelines ask; a replica is a connection
+    error, which the retry answers by asking the Sentinels again."""
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._sock:
+            self.connect()
+        super().send_packed_command(command, check_health)
+
+    def connect_to(self, address: tuple[str, int]) -> None:
+        super().connect_to(address)
+        self.send_command("ROLE")
+        role = self.read_response()
+        if not (isinstance(role, list) and role and role[0] in (b"master", "master")):
+            self.disconnect()
+            raise redis.ConnectionError(f"{address[0]}:{address[1]} is not the primary (a Sentinel named it late)")
 
 
 @dataclass(frozen=True)
@@ -170,7 +196,7 @@ def connect(settings: Settings) -> redis.Redis:
     login: dict[str, Any] = {"username": address.username, "password": address.password}
     if settings.redis_sentinel_tls:
         options["ssl"] = True
-    return _sentinel(settings).master_for(master, db=address.db, **login, **options)
+    return _sentinel(settings).master_for(master, db=address.db, connection_class=PrimaryConnection, **login, **options)
 
 
 def sentinel_topology(settings: Settings) -> dict[str, Any]:
