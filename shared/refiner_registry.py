@@ -87,6 +87,23 @@ def card_metrics(card: dict[str, Any]) -> dict[str, float | None]:
     return {key: evaluation.get(key) for key in ("detail_ratio", "gap_closed", "l1_vs_student")}
 
 
+def _holds(directory: Path, published: Published) -> bool:
+    """Whether ``directory`` is a complete copy of the published files."""
+    return directory.is_dir() and all(
+        (directory / file).is_file() and _sha256(directory / file) == digest for file, digest in published.files.items()
+    )
+
+
+def _discard(directory: Path) -> None:
+    """Remove a copy that does not match, moving it aside first so that no one finds it half gone."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}-stale-", dir=directory.parent))
+    try:
+        directory.rename(aside / directory.name)
+    except FileNotFoundError:  # another worker discarded it first
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _sha256(path: Path) -> str:
     with path.open("rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
@@ -169,12 +186,14 @@ class RefinerRegistry:
     def download(self, name: str, version: str, into: Path) -> Path:
         """``into/<name>/<version>/``, holding the version's files, each checked against its
         manifest; a copy already there that still matches is used as it is. Raises
-        ``RefinerUnavailable`` naming the file whose bytes differ from what was published."""
+        ``RefinerUnavailable`` naming the file whose bytes differ from what was published.
+
+        Workers on one node share ``into`` and adopt a promotion together, so a copy appears
+        only by renaming a complete one into place, and a matching copy is never removed: it
+        may be what another worker is loading."""
         published = self.get(name, version)
         target = into / name / version
-        if target.is_dir() and all(
-            (target / file).is_file() and _sha256(target / file) == digest for file, digest in published.files.items()
-        ):
+        if _holds(target, published):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
@@ -188,8 +207,13 @@ class RefinerRegistry:
                         field="refiner_version",
                     )
                 (staging / file).write_bytes(data)
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
+            if target.exists() and not _holds(target, published):
+                _discard(target)
+            try:
+                staging.rename(target)
+            except OSError:  # another worker's copy got there first
+                if not _holds(target, published):
+                    raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target

@@ -7,6 +7,7 @@ import json
 import random
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,24 @@ def test_download_verifies_every_file(registry, services, tmp_path):
     (local / CONFIG_NAME).write_text("{}")
     with pytest.raises(RefinerUnavailable):
         registry.download("verified", published.version, tmp_path / "cache")
+
+
+def test_workers_sharing_a_cache_download_the_same_version_at_once(registry, tmp_path):
+    """Two workers on a node share the model cache and adopt a promotion together: neither may
+    remove or replace the copy the other is loading (the rollout test served a stale stable
+    when one did)."""
+    published, _ = registry.publish(copy_refiner(tmp_path), "shared", require_eval=False)
+    for round_ in range(5):
+        cache = tmp_path / f"cache{round_}"
+        with ThreadPoolExecutor(6) as workers:
+            loads = list(
+                workers.map(
+                    lambda _: export.load_refiner(registry.download("shared", published.version, cache)).version,
+                    range(6),
+                )
+            )
+        assert len(loads) == 6 and all(version.endswith(f"@{published.version}") for version in loads)
+        assert [p.name for p in (cache / "shared").iterdir()] == [published.version], "no staging left behind"
 
 
 @pytest.mark.parametrize(
