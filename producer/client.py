@@ -25,7 +25,7 @@ from kombu.exceptions import OperationalError
 from redis.sentinel import MasterNotFoundError
 
 from shared.archive import RecordArchive
-from shared.broker import make_celery, queue_depth
+from shared.broker import job_push, make_celery, queue_depth
 from shared.callbacks import check_callback_url
 from shared.contract import GenerateSpec, JobRecord, JobSpec, JobState, PairSpec, RefineSpec, build_spec, parse_s3_uri
 from shared.errors import BrokerUnavailable, InvalidImage, InvalidInput, JobNotFound, QueueFull
@@ -34,7 +34,7 @@ from shared.objects import ObjectStore
 from shared.presets import get_preset
 from shared.records import RecordStore
 from shared.refiner_registry import RefinerRegistry, parse_ref
-from shared.routing import send_callback, send_job
+from shared.routing import send_callback
 from shared.settings import Settings, get_settings
 
 
@@ -164,17 +164,14 @@ class Client:
         # tenant: who submitted it through the gateway (producer/gateway), recorded on the job.
         record = JobRecord(job_id=job_id or uuid.uuid4().hex, kind=spec.kind, spec=spec, seed=seed, tenant=tenant)
         with _broker():
-            job_id, created = self.store.create(record, spec.idempotency_key)
+            job_id, created = self.store.create(
+                record, spec.idempotency_key, message=job_push(self.celery, record, self.settings)
+            )
             if not created:
                 record = self.records.get(job_id)
-            # A never-started job found by its idempotency key may be one whose submit
-            # failed between record and message: send it again. A second message for a
-            # job is harmless (the first delivery to claim it runs it; the others see it
-            # running or finished).
-            if created or (record.state is JobState.queued and record.attempts == 0):
-                # The record exists before the message, so a worker always finds what it is sent.
-                send_job(self.celery, record, self.settings)
-                # Returns once the replicas hold both, so a failover cannot lose the job.
+            if created or record.state is JobState.queued:
+                # Returns once the replicas hold the record and its message, so a failover
+                # cannot lose the job; a resubmit after BrokerUnavailable checks it again.
                 self.store.replicate(record.job_id, record.state.value, required=True)
         return JobHandle(record.job_id, self)
 

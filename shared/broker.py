@@ -15,9 +15,11 @@ import redis
 from celery import Celery
 from celery.app.events import Events
 from celery.events.dispatcher import EventDispatcher
+from kombu.utils.json import dumps
 
+from shared.contract import JobRecord
 from shared.redis_client import is_sentinel, retry_budget_s, sentinel_kwargs, sentinel_master
-from shared.routing import default_queues, task_routes
+from shared.routing import default_queues, job_message, task_routes
 from shared.settings import Settings
 
 # Celery's Redis transport keeps one list per priority step: "<queue>" for 0 and
@@ -34,6 +36,15 @@ UNACKED = "unacked"
 
 def queue_lists(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
+
+
+def job_push(app: Celery, record: JobRecord, settings: Settings) -> tuple[str, str]:
+    """The list and the encoded message kombu would LPUSH for ``record``'s job at its own
+    priority (``shared.routing.job_message``), for a writer that pushes it itself."""
+    queue, message = job_message(app, record, settings)
+    rank = record.spec.priority.rank
+    message["properties"]["priority"] = rank
+    return queue_lists(queue)[PRIORITY_STEPS.index(rank)], dumps(message)
 
 
 def queue_depth(client: redis.Redis, queue: str) -> int:

@@ -76,12 +76,17 @@ class RecordStore:
                 field="redis",
             )
 
-    def create(self, record: JobRecord, idempotency_key: str | None = None) -> tuple[str, bool]:
-        """Store a new record; with an idempotency key, find the first job made with it.
+    def create(
+        self, record: JobRecord, idempotency_key: str | None = None, message: tuple[str, str] | None = None
+    ) -> tuple[str, bool]:
+        """Store a new record and its broker message (``message``: the list and what to push,
+        ``shared.broker.job_push``); with an idempotency key, find the first job made with it.
 
         Returns ``(job_id, created)``: the first job's id when the key was used before (its
-        record may be in the bucket by now: ``shared.archive``). The key check and both
-        writes are one transaction, so two producers racing with the same key get the same job.
+        record may be in the bucket by now: ``shared.archive``). The key check and every
+        write are one transaction, so two producers racing with the same key get the same
+        job, and a job found by its key always has its message: a resubmit sends no second
+        one, which would count twice in the queue's depth (``queue_full``, autoscaling).
         """
         idem = keys.idempotency_key(idempotency_key) if idempotency_key else None
         with self.redis.pipeline() as pipe:
@@ -96,8 +101,11 @@ class RecordStore:
                     pipe.multi()
                     if idem:
                         pipe.set(idem, record.job_id, ex=self.ttl_s)
+                    # The record before the message, as everywhere: a worker always finds what it is sent.
                     pipe.set(keys.job_key(record.job_id), record.model_dump_json(), ex=self.ttl_s)
                     pipe.zadd(keys.QUEUED, {record.job_id: time.time()})
+                    if message:
+                        pipe.lpush(*message)
                     pipe.execute()
                     return record.job_id, True
                 except redis.WatchError:

@@ -42,22 +42,11 @@ def task_routes(settings: Settings) -> dict[str, dict[str, str]]:
     return routes
 
 
-def send_job(app: Celery, record: JobRecord, settings: Settings) -> None:
-    """One message per job, carrying only its id: the record in Redis is the payload."""
-    app.send_task(
-        KINDS[record.kind].task,
-        args=[record.job_id],
-        task_id=record.job_id,
-        queue=settings.queue(record.kind),
-        priority=record.spec.priority.rank,
-    )
-
-
 def job_message(app: Celery, record: JobRecord, settings: Settings) -> tuple[str, dict[str, Any]]:
-    """The message ``send_job`` sends for ``record``, and its queue, for a writer that pushes
-    it onto the queue's list itself, in one step with other writes (the gateway's admission,
-    ``producer/gateway/admission.py``): Celery's protocol 2 (its own headers) in kombu's
-    Redis envelope, as docs/deploy.md spells it for producers in other languages.
+    """The message Celery's ``send_task`` would send for ``record``, and its queue, for a writer
+    that pushes it onto the queue's list itself, in one step with other writes (the producer's
+    ``RecordStore.create``, the gateway's admission): Celery's protocol 2 (its own headers)
+    in kombu's Redis envelope, as docs/deploy.md spells it for producers in other languages.
     ``properties.priority`` is left out: the writer sets it to the step of the list it pushes
     to (``shared.broker.queue_lists``), as kombu does, so a redelivered message returns there."""
     task = KINDS[record.kind].task

@@ -28,7 +28,7 @@ import redis
 from PIL import Image
 
 from devstack.stack import LocalStack, free_port, wait_until
-from shared.broker import make_celery
+from shared.broker import job_push, make_celery
 from shared.contract import GenerateSpec, JobRecord, build_spec
 from shared.routing import job_message
 from shared.settings import Settings
@@ -368,6 +368,9 @@ def test_job_message_is_what_celery_sends(gw):
         sent["properties"].pop(name)
         message["properties"].pop(name)
     assert message["properties"] == sent["properties"]
+    # The producer library pushes it at the job's own priority, in its record's transaction.
+    pushed_to, pushed = job_push(app, record, settings)
+    assert pushed_to == "scratch\x06\x163" and json.loads(pushed)["properties"]["priority"] == 3
 
 
 def test_bad_requests_get_problem_details_never_a_500(gw):

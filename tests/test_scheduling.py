@@ -13,6 +13,7 @@ import pytest
 
 from devstack.stack import LocalStack
 from producer.client import Client
+from shared.broker import queue_lists
 from shared.contract import JobState
 from shared.errors import QueueFull
 
@@ -71,6 +72,30 @@ def test_higher_priority_runs_first(idle_stack):
     # (The order within the worker is the batcher's, tested in test_batcher.py.)
     assert last.started_at > max(first.started_at, second.started_at)
     assert last.started_at >= min(first.finished_at, second.finished_at)
+
+
+def test_an_idempotent_resubmit_sends_no_second_message(idle_stack):
+    """A producer retrying a submit (its reply lost) gets the first job, and the queue still
+    holds one message for it: a second would count twice in the depth that `queue_full` and
+    KEDA's scaling read."""
+    client = Client(idle_stack.settings)
+    queue = client.settings.queue("generate_and_refine")
+
+    def submit(seed: int, **extra):
+        return client.submit_generate("portrait", seed=seed, width=SIZE, height=SIZE, **extra)
+
+    first = submit(1, idempotency_key="order-7", priority="low")
+    assert {submit(1, idempotency_key="order-7", priority="low").job_id for _ in range(5)} == {first.job_id}
+    # One message, on the low priority's list, where Celery itself would have put it.
+    assert [client.store.redis.llen(name) for name in queue_lists(queue)] == [0, 0, 1, 0]
+    for seed in (2, 3, 4):  # the limit is 4 jobs, not 4 messages
+        submit(seed)
+    with pytest.raises(QueueFull):
+        submit(5)
+
+    idle_stack.start_worker("worker")
+    record = first.wait(60)
+    assert record.state is JobState.succeeded and record.attempts == 1
 
 
 def test_full_queue_refuses_submit(idle_stack):

@@ -17,11 +17,10 @@ import time
 
 from celery import Celery
 
-from shared.broker import held_task_ids, queue_depth
+from shared.broker import held_task_ids, job_push, queue_depth
 from shared.contract import JobState
 from shared.errors import JobNotFound
 from shared.records import RecordStore
-from shared.routing import send_job
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ class OrphanSweeper:
                 self.store.forget_queued(job_id)
             elif record.kind in idle:
                 logger.warning("job %s: queued with no message left on the broker; sent again", job_id)
-                send_job(self.app, record, self.settings)
+                self.store.redis.lpush(*job_push(self.app, record, self.settings))
                 sent.append(job_id)
         return sent
 

@@ -23,7 +23,7 @@ library does in a few calls per job:
    go to the broker one priority step lower than they asked for
    (``producer.gateway.fairness``; docs/gateway.md, "Fairness").
 6. Writes, per job: the idempotency key, the record, the queued index, the Celery message on
-   its list (``shared.routing.job_message``: what ``send_job`` sends), and the tenant's own
+   its list (``shared.routing.job_message``: what Celery would send), and the tenant's own
    sets (queued, and open for its usage).
 
 With ``write=False`` it answers what it would do (duplicates, quota, depth) and writes
