@@ -25,7 +25,7 @@ from kombu.exceptions import OperationalError
 from redis.sentinel import MasterNotFoundError
 
 from shared.archive import RecordArchive
-from shared.broker import job_push, make_celery, queue_depth
+from shared.broker import job_push, make_celery
 from shared.callbacks import check_callback_url
 from shared.contract import GenerateSpec, JobRecord, JobSpec, JobState, PairSpec, RefineSpec, build_spec, parse_s3_uri
 from shared.errors import BrokerUnavailable, InvalidImage, InvalidInput, JobNotFound, QueueFull
@@ -119,11 +119,15 @@ class Client:
             first = self.store.find_idempotent(spec.idempotency_key) if spec.idempotency_key else None
         if first:
             return JobHandle(first, self)
-        # Every other check before the upload, so a refused job leaves nothing behind.
-        self._check(spec)
-        if image is not None:
-            self.storage.put(spec.input_uri, image, "application/octet-stream")
-        return self._submit(spec, job_id=job_id, tenant=tenant)
+        self._check_outside(spec)
+        if image is None:
+            return self._submit(spec, job_id=job_id, tenant=tenant)
+        self.storage.put(spec.input_uri, image, "application/octet-stream")
+        try:
+            return self._submit(spec, job_id=job_id, tenant=tenant)
+        except QueueFull:  # refused: the upload goes too, so a refused job leaves nothing behind
+            self.storage.delete(spec.input_uri)
+            raise
 
     def check_readable(self, input_uri: str) -> None:
         bucket, _ = parse_s3_uri(input_uri)
@@ -133,7 +137,7 @@ class Client:
     def submit(self, spec: JobSpec, *, seed: int | None = None, tenant: str | None = None) -> JobHandle:
         """Queue a job of any declared kind from its validated spec (``submit_generate`` and
         the others build theirs and check what only they know first)."""
-        self._check(spec)
+        self._check_outside(spec)
         return self._submit(spec, seed=seed, tenant=tenant)
 
     def checked_record(
@@ -145,13 +149,8 @@ class Client:
         self._check_outside(spec)
         return JobRecord(job_id=job_id or uuid.uuid4().hex, kind=spec.kind, spec=spec, seed=seed, tenant=tenant)
 
-    def _check(self, spec: JobSpec) -> None:
-        """The checks that need the outside world (DNS, queue depth): once per submit,
-        before anything is written."""
-        self._check_outside(spec)
-        self._admit(self.settings.queue(spec.kind))
-
     def _check_outside(self, spec: JobSpec) -> None:
+        """The checks that need the outside world (DNS, the bucket): before anything is written."""
         if spec.callback_url:
             check_callback_url(spec.callback_url, self.settings.callback_allowlist)
         # A pin must name a published version (the kinds that refine have the field).
@@ -164,8 +163,12 @@ class Client:
         # tenant: who submitted it through the gateway (producer/gateway), recorded on the job.
         record = JobRecord(job_id=job_id or uuid.uuid4().hex, kind=spec.kind, spec=spec, seed=seed, tenant=tenant)
         with _broker():
+            # Refuses a job whose queue is full rather than let latency grow without bound.
             job_id, created = self.store.create(
-                record, spec.idempotency_key, message=job_push(self.celery, record, self.settings)
+                record,
+                spec.idempotency_key,
+                job_push(self.celery, record, self.settings),
+                max_depth=self.settings.max_queue_depth,
             )
             if not created:
                 record = self.records.get(job_id)
@@ -175,14 +178,6 @@ class Client:
                 self.store.replicate(record.job_id, record.state.value, required=True)
         return JobHandle(record.job_id, self)
 
-    def _admit(self, queue: str) -> None:
-        """Refuse new work rather than let latency grow without bound."""
-        limit = self.settings.max_queue_depth
-        with _broker():
-            depth = queue_depth(self.store.redis, queue) if limit else 0
-        if limit and depth >= limit:
-            raise QueueFull(f"queue {queue!r} holds {depth} jobs (limit {limit}); retry later", field="queue")
-
     def handle(self, job_id: str) -> JobHandle:
         return JobHandle(job_id, self)
 
@@ -190,8 +185,10 @@ class Client:
         return self.records.get(job_id)
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
-        record = self.records.get(job_id)
-        return record if record.state.terminal else self.store.wait(job_id, timeout)
+        try:
+            return self.store.wait(job_id, timeout)
+        except JobNotFound:  # finished long enough ago to be in the bucket only
+            return self.records.get(job_id)
 
     def cancel(self, job_id: str) -> JobRecord:
         """A queued job is never run; a running one ends ``cancelled`` and publishes nothing."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import ssl
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -38,13 +39,22 @@ def queue_lists(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
 
 
-def job_push(app: Celery, record: JobRecord, settings: Settings) -> tuple[str, str]:
-    """The list and the encoded message kombu would LPUSH for ``record``'s job at its own
-    priority (``shared.routing.job_message``), for a writer that pushes it itself."""
+@dataclass(frozen=True)
+class JobPush:
+    """A job's broker message as kombu would LPUSH it, for a writer that pushes it itself in
+    one step with other writes (``RecordStore.create``)."""
+
+    queue: str
+    list: str  # the queue's list for the job's priority
+    message: str
+
+
+def job_push(app: Celery, record: JobRecord, settings: Settings) -> JobPush:
+    """``record``'s message (``shared.routing.job_message``) at its own priority."""
     queue, message = job_message(app, record, settings)
     rank = record.spec.priority.rank
     message["properties"]["priority"] = rank
-    return queue_lists(queue)[PRIORITY_STEPS.index(rank)], dumps(message)
+    return JobPush(queue, queue_lists(queue)[PRIORITY_STEPS.index(rank)], dumps(message))
 
 
 def queue_depth(client: redis.Redis, queue: str) -> int:

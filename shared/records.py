@@ -14,16 +14,42 @@ from typing import cast
 import redis
 
 from shared import keys
+from shared.broker import JobPush, queue_lists
 from shared.contract import JobRecord, JobState, utcnow
-from shared.errors import BrokerUnavailable, JobNotFound
+from shared.errors import BrokerUnavailable, JobNotFound, QueueFull
 from shared.redis_client import connect, min_replicas_ack
 from shared.settings import Settings
+
+# RecordStore.create. KEYS: the record, the queued index, the message's list ('' for none),
+# then the lists whose depth counts. ARGV: job id, record, TTL, time, message, depth limit
+# (0: none), idempotency key ('' for none).
+_CREATE = """
+local idem = ARGV[7]
+if idem ~= '' then
+  local first = redis.call('GET', idem)
+  if first then return {'dup', first} end
+end
+local limit = tonumber(ARGV[6])
+if limit > 0 then
+  local depth = 0
+  for i = 4, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
+  if depth >= limit then return {'full', tostring(depth)} end
+end
+if idem ~= '' then redis.call('SET', idem, ARGV[1], 'EX', ARGV[3]) end
+-- The record before the message, as everywhere: a worker always finds what it is sent.
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+if KEYS[3] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[5]) end
+return {'new', ARGV[1]}
+"""
 
 # As raw JSON spells them, for records that do not parse.
 TERMINAL_STATES = {state.value for state in JobState if state.terminal}
 
 # A mutation returns the new record, or None to leave the stored one as it is.
 Mutation = Callable[[JobRecord], JobRecord | None]
+# What an edit writes: the record's new JSON, the state it had, the state it gets.
+Change = tuple[str, str, str]
 
 
 def _reply(value: bytes | str | None) -> bytes | None:
@@ -46,6 +72,7 @@ class RecordStore:
         # carries on without them, so a missing replica slows workers and never stops them.
         self.replicas = replicas
         self.wait_ms = wait_ms
+        self._create = client.register_script(_CREATE)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RecordStore:
@@ -77,39 +104,37 @@ class RecordStore:
             )
 
     def create(
-        self, record: JobRecord, idempotency_key: str | None = None, message: tuple[str, str] | None = None
+        self, record: JobRecord, idempotency_key: str | None = None, push: JobPush | None = None, max_depth: int = 0
     ) -> tuple[str, bool]:
-        """Store a new record and its broker message (``message``: the list and what to push,
-        ``shared.broker.job_push``); with an idempotency key, find the first job made with it.
+        """Store a new record and its broker message (``push``); with an idempotency key,
+        find the first job made with it; with ``max_depth``, refuse (``QueueFull``) a job
+        whose queue holds that many messages, all priorities together.
 
         Returns ``(job_id, created)``: the first job's id when the key was used before (its
-        record may be in the bucket by now: ``shared.archive``). The key check and every
-        write are one transaction, so two producers racing with the same key get the same
-        job, and a job found by its key always has its message: a resubmit sends no second
-        one, which would count twice in the queue's depth (``queue_full``, autoscaling).
+        record may be in the bucket by now: ``shared.archive``). The checks and every write
+        are one script, so two producers racing with the same key get the same job, and a
+        job found by its key always has its message: a resubmit sends no second one, which
+        would count twice in the queue's depth (``queue_full``, autoscaling).
         """
-        idem = keys.idempotency_key(idempotency_key) if idempotency_key else None
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    if idem:
-                        pipe.watch(idem)
-                        existing = pipe.get(idem)
-                        if existing is not None:
-                            pipe.reset()
-                            return _text(existing), False
-                    pipe.multi()
-                    if idem:
-                        pipe.set(idem, record.job_id, ex=self.ttl_s)
-                    # The record before the message, as everywhere: a worker always finds what it is sent.
-                    pipe.set(keys.job_key(record.job_id), record.model_dump_json(), ex=self.ttl_s)
-                    pipe.zadd(keys.QUEUED, {record.job_id: time.time()})
-                    if message:
-                        pipe.lpush(*message)
-                    pipe.execute()
-                    return record.job_id, True
-                except redis.WatchError:
-                    continue
+        depth_of = queue_lists(push.queue) if push and max_depth else []
+        outcome, value = self._create(
+            keys=[keys.job_key(record.job_id), keys.QUEUED, push.list if push else "", *depth_of],
+            args=[
+                record.job_id,
+                record.model_dump_json(),
+                self.ttl_s,
+                time.time(),
+                push.message if push else "",
+                max_depth,
+                keys.idempotency_key(idempotency_key) if idempotency_key else "",
+            ],
+        )
+        if outcome == b"full":
+            assert push is not None
+            raise QueueFull(
+                f"queue {push.queue!r} holds {_text(value)} jobs (limit {max_depth}); retry later", field="queue"
+            )
+        return _text(value), outcome == b"new"
 
     def find_idempotent(self, idempotency_key: str) -> str | None:
         """The job id first submitted with this key, if any."""
@@ -130,7 +155,7 @@ class RecordStore:
         """Apply ``mutate`` atomically (optimistic WATCH/MULTI); returns the stored record."""
         stored: JobRecord | None = None
 
-        def edit(raw: bytes | None) -> tuple[str, str] | None:
+        def edit(raw: bytes | None) -> Change | None:
             nonlocal stored
             if raw is None:
                 raise JobNotFound(f"no job {job_id!r} (unknown or expired)", field="job_id")
@@ -138,8 +163,9 @@ class RecordStore:
             new = mutate(stored.model_copy(deep=True))
             if new is None:
                 return None
+            was = stored.state.value
             stored = new
-            return new.model_dump_json(), new.state.value
+            return new.model_dump_json(), was, new.state.value
 
         self._edit(job_id, edit)
         # _edit returns only after edit ran and set it (a missing record raises instead).
@@ -150,20 +176,21 @@ class RecordStore:
         """Fail a record that breaks the contract (written by a foreign producer, say), so
         it does not stay queued forever; edited as raw JSON, since it does not parse."""
 
-        def edit(raw: bytes | None) -> tuple[str, str] | None:
+        def edit(raw: bytes | None) -> Change | None:
             document = json.loads(raw) if raw else None
             if not isinstance(document, dict) or document.get("state") in TERMINAL_STATES:
                 return None
+            was = str(document.get("state"))
             error = {"code": "invalid_input", "message": message, "field": None}
             document.update(state="failed", finished_at=utcnow().isoformat(), error=error)
-            return json.dumps(document), "failed"
+            return json.dumps(document), was, "failed"
 
         self._edit(job_id, edit)
 
-    def _edit(self, job_id: str, edit: Callable[[bytes | None], tuple[str, str] | None]) -> None:
-        """The optimistic transaction both edits share: ``edit(raw)`` returns the new JSON
-        and the state to publish, or None to leave the record as it is; it runs again
-        whenever another client wrote the record in between."""
+    def _edit(self, job_id: str, edit: Callable[[bytes | None], Change | None]) -> None:
+        """The optimistic transaction both edits share: ``edit(raw)`` returns the new JSON,
+        the state it had and the state to publish, or None to leave the record as it is; it
+        runs again whenever another client wrote the record in between."""
         key = keys.job_key(job_id)
         with self.redis.pipeline() as pipe:
             while True:
@@ -173,12 +200,12 @@ class RecordStore:
                     if change is None:
                         pipe.reset()
                         return
-                    raw, state = change
+                    raw, was, state = change
                     pipe.multi()
                     pipe.set(key, raw, keepttl=True)
                     if state == JobState.queued.value:
                         pipe.zadd(keys.QUEUED, {job_id: time.time()})
-                    else:
+                    elif was == JobState.queued.value:
                         pipe.zrem(keys.QUEUED, job_id)
                     pipe.publish(keys.job_events_channel(job_id), state)
                     pipe.execute()
@@ -211,20 +238,26 @@ class RecordStore:
         return self.update(job_id, mutate), cancelled
 
     def wait(self, job_id: str, timeout_s: float | None = None) -> JobRecord:
-        """Block until the job is terminal; raises TimeoutError with the last record seen."""
+        """Block until the job is terminal; raises TimeoutError with the last record seen.
+
+        The record is read after subscribing, so a change between the two is not missed,
+        and then again only when the job's channel names a terminal state, or after a quiet
+        second (a message lost with a broken connection)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.redis.pubsub()
         pubsub.subscribe(keys.job_events_channel(job_id))
         try:
             while True:
-                # Read after subscribing, so a change between the two is not missed.
                 record = self.get(job_id)
                 if record.state.terminal:
                     return record
-                left = 1.0 if deadline is None else deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"job {job_id} still {record.state.value} after {timeout_s} s")
-                pubsub.get_message(timeout=min(left, 1.0))
+                while True:
+                    left = 1.0 if deadline is None else deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"job {job_id} still {record.state.value} after {timeout_s} s")
+                    message = pubsub.get_message(timeout=min(left, 1.0))
+                    if message is None or (message["type"] == "message" and _text(message["data"]) in TERMINAL_STATES):
+                        break
         finally:
             pubsub.close()
 

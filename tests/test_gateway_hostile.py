@@ -369,8 +369,8 @@ def test_job_message_is_what_celery_sends(gw):
         message["properties"].pop(name)
     assert message["properties"] == sent["properties"]
     # The producer library pushes it at the job's own priority, in its record's transaction.
-    pushed_to, pushed = job_push(app, record, settings)
-    assert pushed_to == "scratch\x06\x163" and json.loads(pushed)["properties"]["priority"] == 3
+    push = job_push(app, record, settings)
+    assert push.list == "scratch\x06\x163" and json.loads(push.message)["properties"]["priority"] == 3
 
 
 def test_bad_requests_get_problem_details_never_a_500(gw):

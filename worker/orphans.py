@@ -53,7 +53,8 @@ class OrphanSweeper:
                 self.store.forget_queued(job_id)
             elif record.kind in idle:
                 logger.warning("job %s: queued with no message left on the broker; sent again", job_id)
-                self.store.redis.lpush(*job_push(self.app, record, self.settings))
+                push = job_push(self.app, record, self.settings)
+                self.store.redis.lpush(push.list, push.message)
                 sent.append(job_id)
         return sent
 
