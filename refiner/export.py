@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from refiner.building import BUILDING
 from refiner.metrics import high_frequency_energy
 from refiner.networks import RefinerUNet, count_parameters
 
@@ -101,7 +102,8 @@ def load_refiner(
     if path is None or str(path) == IDENTITY:
         # `.type` casts like `.to(dtype=...)`, minus diffusers' warning about fp32-only modules
         # that it prints on every dtype cast, even for a model that has none.
-        network, version = RefinerUNet().type(dtype), IDENTITY
+        with BUILDING:
+            network, version = RefinerUNet().type(dtype), IDENTITY
     else:
         path = Path(path)
         missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (path / name).is_file()]
@@ -110,7 +112,8 @@ def load_refiner(
                 f"no refiner weights at {path}: missing {', '.join(missing)} "
                 "(expected a directory written by RefinerUNet.save_pretrained)"
             )
-        network = RefinerUNet.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
+        with BUILDING:
+            network = RefinerUNet.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
         with (path / WEIGHTS_NAME).open("rb") as weights:
             digest = hashlib.file_digest(weights, "sha256").hexdigest()
         version = f"{path.resolve().name}@{digest[:12]}"

@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from refiner.building import BUILDING
 from refiner.losses import (
     CycleLossWeights,
     PairedLoss,
@@ -51,7 +52,8 @@ class TrainingMode(ABC):
     def __init__(self, config: ResolvedConfig, accelerator: Accelerator) -> None:
         self.config, self.accelerator = config, accelerator
         if config.init:
-            refiner = RefinerUNet.from_pretrained(config.init, use_safetensors=True, local_files_only=True)
+            with BUILDING:
+                refiner = RefinerUNet.from_pretrained(config.init, use_safetensors=True, local_files_only=True)
         else:
             refiner = RefinerUNet(
                 base_channels=config.base_channels,

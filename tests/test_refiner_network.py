@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +123,19 @@ def test_gradients_flow_through_training_step() -> None:
     optimizer.zero_grad()
 
     assert torch.nn.functional.l1_loss(network(source), target) != loss
+
+
+def test_loads_in_threads_leave_later_modules_on_the_cpu():
+    """from_pretrained builds inside accelerate's init_empty_weights, which patches
+    torch.nn.Module for the whole process: before refiner.building, overlapping loads left
+    the patch in place, and every module built afterwards was on the meta device."""
+    original = torch.nn.Module.register_parameter
+    demo = Path(__file__).parents[1] / "devstack" / "demo_refiner"
+    try:
+        with ThreadPoolExecutor(6) as threads:
+            versions = set(threads.map(lambda _: load_refiner(demo).version, range(12)))
+        assert len(versions) == 1
+        assert torch.nn.Module.register_parameter is original
+        assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+    finally:  # a failure here must not break every later test in this process
+        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline
 from huggingface_hub import try_to_load_from_cache
 
+from refiner.building import BUILDING
 from shared.errors import ModelUnavailable
 from shared.presets import Preset
 from worker.free_model import NoopPipeline
@@ -94,7 +95,8 @@ class _FluxSource(ModelSource):
     ) -> FluxPipeline:
         location, hub = self._location(preset, model_path, options.cache_dir)
         # Components passed by name are used as given instead of being loaded again.
-        pipe = FluxPipeline.from_pretrained(location, dtype=options.dtype, **shared, **hub)
+        with BUILDING:
+            pipe = FluxPipeline.from_pretrained(location, dtype=options.dtype, **shared, **hub)
         if options.cpu_offload:
             # Each component moves to the GPU only while it runs: slower, but fits small GPUs.
             pipe.enable_model_cpu_offload(device=options.device)

@@ -27,7 +27,6 @@ import copy
 import os
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from refiner.building import BUILDING
 
 # Fixed seeds: building twice (in any process, same library versions) gives identical weights.
 SHARED_SEED = 1234
@@ -301,15 +302,13 @@ def _scheduler(schnell_like: bool) -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-# Module initialisers draw from torch's global RNG, so two builds in threads (a Celery
-# threads pool loading schnell and dev) would interleave draws and get different weights.
-# The generation path never uses the global RNG (it takes explicit generators).
-_BUILD_LOCK = threading.Lock()
-
-
 def _seeded(seed: int, build):
-    # fork_rng: seeding must not disturb the caller's global RNG stream.
-    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+    # Module initialisers draw from torch's global RNG, so two builds in threads (a Celery
+    # threads pool loading schnell and dev) would interleave draws and get different
+    # weights: BUILDING holds them one at a time. The generation path never uses the global
+    # RNG (it takes explicit generators). fork_rng: seeding must not disturb the caller's
+    # global RNG stream.
+    with BUILDING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
 
