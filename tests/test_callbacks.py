@@ -486,3 +486,23 @@ def test_redirect_to_a_private_address_is_not_followed(make_receiver) -> None:
     assert caught.value.status == 302
     assert [path for path, _, _ in redirector.received] == ["/redirect"]
     assert private.received == []
+
+
+def test_a_record_out_of_reach_in_the_bucket_is_a_retryable_failure() -> None:
+    # The record left Redis (its linger) and S3 is down for a moment: the delivery is
+    # retried like a receiver's failure, not dropped (benchmarks/soak.py lost 422 of 2,000
+    # terminal callbacks this way during a 6 s outage, with a 5 s linger).
+    from shared.archive import RecordArchive
+    from shared.errors import StorageUnavailable
+    from shared.settings import Settings
+    from worker.notify import deliver_job_callback
+
+    class Unreachable(RecordArchive):
+        def __init__(self) -> None:
+            pass
+
+        def get(self, job_id: str):
+            raise StorageUnavailable(f"download of s3://bucket/jobs/{job_id}/job.json failed")
+
+    with pytest.raises(CallbackFailed, match="could not be read"):
+        deliver_job_callback(Settings(_env_file=None), Unreachable(), "j1", "succeeded")

@@ -11,7 +11,7 @@ import logging
 from shared.archive import RecordArchive
 from shared.callbacks import CallbackFailed, deliver
 from shared.contract import CallbackStatus, JobRecord, utcnow
-from shared.errors import JobNotFound
+from shared.errors import JobNotFound, StorageUnavailable
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,12 @@ def callback_payload(record: JobRecord, event: str) -> dict:
 def deliver_job_callback(settings: Settings, records: RecordArchive, job_id: str, event: str) -> None:
     """One delivery attempt of the job's ``event`` (the state it entered); raises
     CallbackFailed when it should be retried. The data is the record as it is now."""
-    record = records.get(job_id)
+    try:
+        record = records.get(job_id)
+    except StorageUnavailable as exc:
+        # The record has left Redis (record_linger_s) and the bucket is out of reach for now:
+        # nothing was sent, so a retry cannot duplicate the callback; dropping it would lose it.
+        raise CallbackFailed(f"the job's record could not be read: {exc}") from exc
     url = record.spec.callback_url
     assert url is not None, "callbacks are only enqueued for jobs that asked for one"
     secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
