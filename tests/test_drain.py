@@ -12,9 +12,11 @@ import signal
 import time
 from collections import Counter
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from devstack.stack import LocalStack, wait_until
+from devstack.stack import LocalStack, free_port, wait_until
 from producer.client import Client
 from shared.broker import queue_depth
 from shared.contract import JobState
@@ -26,6 +28,11 @@ LONG = 1024  # a batch of a few seconds on this CPU: long enough to be caught on
 
 def _unfinished(client: Client, job_ids: list[str]) -> list[str]:
     return [j for j in job_ids if not client.status(j).state.terminal]
+
+
+def _on_model(metrics_url: str) -> float:
+    families = text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text)
+    return next(s.value for f in families for s in f.samples if s.name == "refinery_jobs_on_model")
 
 
 def _terminate(stack: LocalStack, name: str, timeout_s: float = 120) -> tuple[int, float]:
@@ -87,16 +94,16 @@ def test_sigterm_finishes_the_batch_on_the_model_and_hands_back_the_rest_at_once
 def test_a_batch_longer_than_the_drain_timeout_is_handed_back_too(tmp_path):
     # The one setting changed is the one under test: a drain budget shorter than the batch.
     with LocalStack(tmp_path, drain_timeout_s=0.5) as stack:
-        stack.start_worker("leaving")
+        stack.start_worker("leaving", metrics_port=free_port())
         client = Client(stack.settings)
         job_ids = [
             client.submit_generate("portrait", seed=s, width=LONG // 2, height=LONG // 2).job_id for s in range(2)
         ]
-        wait_until(
-            lambda: all(client.status(j).state is JobState.running for j in job_ids),
-            timeout_s=60,
-            what="both jobs on the model",
-        )
+        # Running is claimed, not yet on the model (a loaded machine claims a job well before
+        # its batch starts): the worker's gauge says when the model has them (both, or the
+        # first while the second waits for the next batch: both are handed back either way).
+        metrics_url = client.store.workers()["leaving@localstack"]["metrics_url"]
+        wait_until(lambda: _on_model(metrics_url) > 0, timeout_s=60, what="a batch on the model")
         status, _ = _terminate(stack, "leaving")
         records_after = [client.status(j) for j in job_ids]
         depth = queue_depth(client.store.redis, stack.settings.queue("generate_and_refine"))

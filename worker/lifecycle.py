@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -27,6 +28,7 @@ from shared.settings import Settings
 from worker import metrics
 from worker.batcher import BatcherClosed, DynamicBatcher
 from worker.handlers import Handlers
+from worker.handlers.base import BatchKey
 from worker.leases import LeaseKeeper
 from worker.registry import ModelRegistry
 from worker.timing import StageTimer
@@ -338,8 +340,16 @@ def build_runner(
     storage = ObjectStore(settings)
     handlers = Handlers(kinds, registry, storage, settings)
     registry.warm_up(handlers.pipelines)
+
+    def on_model(key: BatchKey, items: list[Any]) -> Sequence[Any]:
+        metrics.ON_MODEL.set(len(items))
+        try:
+            return handlers.run_batch(key, items)
+        finally:
+            metrics.ON_MODEL.set(0)
+
     batcher = DynamicBatcher(
-        handlers.run_batch,
+        on_model,
         max_batch=lambda key: settings.max_batch_for(key.width, key.height),
         max_wait_s=settings.max_wait_ms / 1000,
     )

@@ -40,6 +40,7 @@ JOB_SECONDS = Histogram(
     ["kind"],
     buckets=_STAGE_BUCKETS,
 )
+ON_MODEL = Gauge("refinery_jobs_on_model", "Jobs in the batch the model is running now (0: idle).")
 BATCH_SIZE = Histogram("refinery_batch_size", "Jobs run together in one model call.", ["kind"], buckets=_BATCH_BUCKETS)
 MODEL_LOAD = Gauge("refinery_model_load_seconds", "Seconds it took to load a resident model.", ["model"])
 GPU_MEMORY = Gauge("refinery_gpu_memory_bytes", "CUDA memory held by this worker's process.", ["kind"])
