@@ -25,7 +25,7 @@ from kombu.exceptions import OperationalError
 from redis.sentinel import MasterNotFoundError
 
 from shared.archive import RecordArchive
-from shared.broker import job_push, make_celery
+from shared.broker import Push, callback_push, job_push, make_celery
 from shared.callbacks import check_callback_url
 from shared.contract import GenerateSpec, JobRecord, JobSpec, JobState, PairSpec, RefineSpec, build_spec, parse_s3_uri
 from shared.errors import BrokerUnavailable, InvalidImage, InvalidInput, JobNotFound, QueueFull
@@ -34,7 +34,6 @@ from shared.objects import ObjectStore
 from shared.presets import get_preset
 from shared.records import RecordStore
 from shared.refiner_registry import RefinerRegistry, parse_ref
-from shared.routing import send_callback
 from shared.settings import Settings, get_settings
 
 
@@ -192,12 +191,18 @@ class Client:
 
     def cancel(self, job_id: str) -> JobRecord:
         """A queued job is never run; a running one ends ``cancelled`` and publishes nothing."""
+
+        def callback(record: JobRecord) -> Push | None:
+            return (
+                callback_push(self.celery, job_id, record.state.value, self.settings)
+                if record.spec.callback_url
+                else None
+            )
+
         try:
-            record, cancelled = self.store.cancel(job_id)
+            record, _ = self.store.cancel(job_id, notify=callback)
         except JobNotFound:  # finished long enough ago to be in the bucket only: nothing to cancel
             return self.records.get(job_id)
-        if cancelled and record.spec.callback_url:
-            send_callback(self.celery, job_id, record.state.value)
         return record
 
 

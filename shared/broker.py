@@ -20,7 +20,7 @@ from kombu.utils.json import dumps
 
 from shared.contract import JobRecord
 from shared.redis_client import is_sentinel, retry_budget_s, sentinel_kwargs, sentinel_master
-from shared.routing import default_queues, job_message, task_routes
+from shared.routing import callback_message, default_queues, job_message, task_routes
 from shared.settings import Settings
 
 # Celery's Redis transport keeps one list per priority step: "<queue>" for 0 and
@@ -40,21 +40,29 @@ def queue_lists(queue: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class JobPush:
-    """A job's broker message as kombu would LPUSH it, for a writer that pushes it itself in
-    one step with other writes (``RecordStore.create``)."""
+class Push:
+    """A task message as kombu would LPUSH it, for a writer that pushes it itself in one
+    step with other writes (``RecordStore.create`` and ``update``)."""
 
     queue: str
-    list: str  # the queue's list for the job's priority
+    list: str  # the queue's list for the message's priority
     message: str
 
 
-def job_push(app: Celery, record: JobRecord, settings: Settings) -> JobPush:
-    """``record``'s message (``shared.routing.job_message``) at its own priority."""
-    queue, message = job_message(app, record, settings)
-    rank = record.spec.priority.rank
-    message["properties"]["priority"] = rank
-    return JobPush(queue, queue_lists(queue)[PRIORITY_STEPS.index(rank)], dumps(message))
+def job_push(app: Celery, record: JobRecord, settings: Settings) -> Push:
+    """``record``'s job message (``shared.routing.job_message``) at its own priority."""
+    return _push(*job_message(app, record, settings), record.spec.priority.rank)
+
+
+def callback_push(app: Celery, job_id: str, event: str, settings: Settings) -> Push:
+    """The callback message of a job's ``event`` (``shared.routing.callback_message``), at
+    the priority Celery gives a task sent without one."""
+    return _push(*callback_message(app, job_id, event, settings), PRIORITY_STEPS[0])
+
+
+def _push(queue: str, message: dict[str, Any], priority: int) -> Push:
+    message["properties"]["priority"] = priority
+    return Push(queue, queue_lists(queue)[PRIORITY_STEPS.index(priority)], dumps(message))
 
 
 def queue_depth(client: redis.Redis, queue: str) -> int:

@@ -14,7 +14,7 @@ from typing import cast
 import redis
 
 from shared import keys
-from shared.broker import JobPush, queue_lists
+from shared.broker import Push, queue_lists
 from shared.contract import JobRecord, JobState, utcnow
 from shared.errors import BrokerUnavailable, JobNotFound, QueueFull
 from shared.redis_client import connect, min_replicas_ack
@@ -48,8 +48,10 @@ TERMINAL_STATES = {state.value for state in JobState if state.terminal}
 
 # A mutation returns the new record, or None to leave the stored one as it is.
 Mutation = Callable[[JobRecord], JobRecord | None]
-# What an edit writes: the record's new JSON, the state it had, the state it gets.
-Change = tuple[str, str, str]
+# A change's message to push in its transaction (a callback for the state it enters), if any.
+Notify = Callable[[JobRecord], Push | None]
+# What an edit writes: the record's new JSON, the state it had, the state it gets, a message.
+Change = tuple[str, str, str, Push | None]
 
 
 def _reply(value: bytes | str | None) -> bytes | None:
@@ -104,7 +106,7 @@ class RecordStore:
             )
 
     def create(
-        self, record: JobRecord, idempotency_key: str | None = None, push: JobPush | None = None, max_depth: int = 0
+        self, record: JobRecord, idempotency_key: str | None = None, push: Push | None = None, max_depth: int = 0
     ) -> tuple[str, bool]:
         """Store a new record and its broker message (``push``); with an idempotency key,
         find the first job made with it; with ``max_depth``, refuse (``QueueFull``) a job
@@ -151,8 +153,10 @@ class RecordStore:
         """Drop a finished record from Redis after ``seconds`` (``shared.archive`` holds it then)."""
         self.redis.expire(keys.job_key(job_id), max(1, round(seconds)))
 
-    def update(self, job_id: str, mutate: Mutation) -> JobRecord:
-        """Apply ``mutate`` atomically (optimistic WATCH/MULTI); returns the stored record."""
+    def update(self, job_id: str, mutate: Mutation, notify: Notify | None = None) -> JobRecord:
+        """Apply ``mutate`` atomically (optimistic WATCH/MULTI); returns the stored record.
+        ``notify(new)``: a message to push in the same transaction when the record changes
+        (the callback of the state it enters), so no crash can separate the two."""
         stored: JobRecord | None = None
 
         def edit(raw: bytes | None) -> Change | None:
@@ -165,7 +169,7 @@ class RecordStore:
                 return None
             was = stored.state.value
             stored = new
-            return new.model_dump_json(), was, new.state.value
+            return new.model_dump_json(), was, new.state.value, notify(new) if notify else None
 
         self._edit(job_id, edit)
         # _edit returns only after edit ran and set it (a missing record raises instead).
@@ -183,14 +187,14 @@ class RecordStore:
             was = str(document.get("state"))
             error = {"code": "invalid_input", "message": message, "field": None}
             document.update(state="failed", finished_at=utcnow().isoformat(), error=error)
-            return json.dumps(document), was, "failed"
+            return json.dumps(document), was, "failed", None
 
         self._edit(job_id, edit)
 
     def _edit(self, job_id: str, edit: Callable[[bytes | None], Change | None]) -> None:
         """The optimistic transaction both edits share: ``edit(raw)`` returns the new JSON,
-        the state it had and the state to publish, or None to leave the record as it is; it
-        runs again whenever another client wrote the record in between."""
+        the state it had, the state to publish and a message to push, or None to leave the
+        record as it is; it runs again whenever another client wrote the record in between."""
         key = keys.job_key(job_id)
         with self.redis.pipeline() as pipe:
             while True:
@@ -200,7 +204,7 @@ class RecordStore:
                     if change is None:
                         pipe.reset()
                         return
-                    raw, was, state = change
+                    raw, was, state, push = change
                     pipe.multi()
                     pipe.set(key, raw, keepttl=True)
                     if state == JobState.queued.value:
@@ -208,6 +212,8 @@ class RecordStore:
                     elif was == JobState.queued.value:
                         pipe.zrem(keys.QUEUED, job_id)
                     pipe.publish(keys.job_events_channel(job_id), state)
+                    if push:
+                        pipe.lpush(push.list, push.message)
                     pipe.execute()
                     break
                 except redis.WatchError:
@@ -222,8 +228,9 @@ class RecordStore:
     def forget_queued(self, job_id: str) -> None:
         self.redis.zrem(keys.QUEUED, job_id)
 
-    def cancel(self, job_id: str) -> tuple[JobRecord, bool]:
-        """Cancel a job that has not finished; returns the record and whether this call cancelled it."""
+    def cancel(self, job_id: str, notify: Notify | None = None) -> tuple[JobRecord, bool]:
+        """Cancel a job that has not finished; returns the record and whether this call
+        cancelled it. ``notify``: as ``update``'s."""
         cancelled = False
 
         def mutate(record: JobRecord) -> JobRecord | None:
@@ -235,7 +242,7 @@ class RecordStore:
             cancelled = True
             return record
 
-        return self.update(job_id, mutate), cancelled
+        return self.update(job_id, mutate, notify), cancelled
 
     def wait(self, job_id: str, timeout_s: float | None = None) -> JobRecord:
         """Block until the job is terminal; raises TimeoutError with the last record seen.

@@ -49,10 +49,20 @@ def job_message(app: Celery, record: JobRecord, settings: Settings) -> tuple[str
     in kombu's Redis envelope, as docs/deploy.md spells it for producers in other languages.
     ``properties.priority`` is left out: the writer sets it to the step of the list it pushes
     to (``shared.broker.queue_lists``), as kombu does, so a redelivered message returns there."""
-    task = KINDS[record.kind].task
     queue = settings.queue(record.kind)
-    protocol = app.amqp.as_task_v2(record.job_id, task, args=[record.job_id])
-    return queue, {
+    return queue, _message(app, KINDS[record.kind].task, [record.job_id], record.job_id, queue)
+
+
+def callback_message(app: Celery, job_id: str, event: str, settings: Settings) -> tuple[str, dict[str, Any]]:
+    """The callbacks task's message for a job's ``event`` (the state it entered), and its
+    queue, for the transaction that enters the state (``RecordStore.update``'s ``notify``)."""
+    queue = settings.queue_callbacks
+    return queue, _message(app, keys.TASK_CALLBACK, [job_id, event], str(uuid.uuid4()), queue)
+
+
+def _message(app: Celery, task: str, args: list[str], task_id: str, queue: str) -> dict[str, Any]:
+    protocol = app.amqp.as_task_v2(task_id, task, args=args)
+    return {
         "body": base64.b64encode(dumps(protocol.body).encode()).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
@@ -65,7 +75,3 @@ def job_message(app: Celery, record: JobRecord, settings: Settings) -> tuple[str
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-
-
-def send_callback(app: Celery, job_id: str, event: str) -> None:
-    app.send_task(keys.TASK_CALLBACK, args=[job_id, event])

@@ -20,8 +20,8 @@ import redis
 
 from devstack.stack import LocalStack
 from producer.client import Client
+from shared.broker import callback_push
 from shared.contract import GenerateSpec, JobRecord, JobState, utcnow
-from shared.routing import send_callback
 
 pytestmark = pytest.mark.integration
 
@@ -167,7 +167,8 @@ def test_callbacks_waiting_with_no_consumer_fail(stack: LocalStack) -> None:
         finished_at=finished,
     )
     client.store.create(record)
-    send_callback(client.celery, record.job_id, JobState.succeeded.value)
+    callback = callback_push(client.celery, record.job_id, JobState.succeeded.value, client.settings)
+    client.store.redis.lpush(callback.list, callback.message)
 
     code, checks = doctor(stack, "--queues", "generate,refine")
     assert code == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections import Counter
 
 import pytest
@@ -56,6 +57,32 @@ def test_worker_killed_mid_batch_loses_nothing_and_runs_nothing_twice(tmp_path, 
     assert results == {r.job_id: ["refined.png"] for r in records}
     delivered = Counter(next(r.job_id for r in records if r.job_id in body) for body in receiver.requests)
     assert delivered == Counter({r.job_id: 1 for r in records})
+
+
+def test_worker_killed_right_after_a_job_succeeded_still_calls_back_once(tmp_path, receiver):
+    """benchmarks/soak.py's case: a worker SIGKILLed the moment its job's success is
+    published. The callback goes in the transaction that ends the job, so the receiver hears
+    of it once, from a callbacks worker started afterwards (before, 2 of 10 such kills in the
+    soak lost it: the redelivery finds the job finished and does nothing)."""
+    with LocalStack(tmp_path) as stack:
+        stack.start_worker("doomed")
+        client = Client(stack.settings)
+        events = client.store.redis.pubsub(ignore_subscribe_messages=True)
+        events.psubscribe(keys.job_events_channel("*"))
+        job = client.submit_generate("portrait", seed=1, width=SIZE, height=SIZE, callback_url=receiver.url)
+        deadline = time.monotonic() + 60
+        while (message := events.get_message(timeout=1)) is None or message["data"] != b"succeeded":
+            assert time.monotonic() < deadline, "the job did not succeed in 60 s"
+        stack.stop_process("doomed", signal.SIGKILL)
+        events.close()
+
+        stack.start_worker("callbacks", [stack.settings.queue_callbacks])
+        wait_until(lambda: len(receiver.requests) >= 1, timeout_s=60, what="the callback")
+        stack.wait_callbacks_settled()
+        record = job.status()
+
+    assert record.state is JobState.succeeded
+    assert [json.loads(body)["data"]["job_id"] for body in receiver.requests] == [job.job_id]
 
 
 def test_redelivered_long_job_is_held_back_by_its_lease(tmp_path):

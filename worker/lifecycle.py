@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from shared.archive import RecordArchive
+from shared.broker import Push
 from shared.contract import JobError, JobRecord, JobResult, JobState, Quality, utcnow
 from shared.errors import RefineryError
 from shared.objects import ObjectStore
@@ -71,7 +72,7 @@ class JobRunner:
         leases: LeaseKeeper,
         store: RecordStore,
         storage: ObjectStore,
-        notify: Callable[[str, str], None],
+        callback: Callable[[str, str], Push],
         worker_name: str,
     ) -> None:
         self.settings = settings
@@ -81,7 +82,7 @@ class JobRunner:
         self.leases = leases
         self.store = store
         self.storage = storage
-        self.notify = notify  # enqueues a callback: (job_id, event state)
+        self.callback = callback  # a callback's message: (job_id, event state) -> Push
         self.worker_name = worker_name
         self.draining = threading.Event()
         self.jobs_done = 0  # jobs this process brought to a terminal state
@@ -134,8 +135,6 @@ class JobRunner:
             return claim.retry_in
         record = claim.record
         assert record is not None and record.started_at is not None  # the claim started it
-        if self.settings.callback_on_running:
-            self._notify(record)
         timer = StageTimer()
         timer.ms["queue_wait"] = round((record.started_at - record.created_at).total_seconds() * 1000, 3)
         try:
@@ -159,9 +158,14 @@ class JobRunner:
             self.leases.release(job_id)
         return None
 
-    def _notify(self, record: JobRecord) -> None:
-        if record.spec.callback_url:
-            self.notify(record.job_id, record.state.value)
+    def _callback(self, record: JobRecord) -> Push | None:
+        """The callback of the state ``record`` enters, if its caller asked for one: pushed in
+        the transaction that enters it, so a worker killed right after cannot lose it."""
+        if not record.spec.callback_url:
+            return None
+        if record.state.terminal or (record.state is JobState.running and self.settings.callback_on_running):
+            return self.callback(record.job_id, record.state.value)
+        return None
 
     def _claim(self, job_id: str) -> Claim:
         """Mark the job running under this worker, unless it must not run now.
@@ -209,7 +213,7 @@ class JobRunner:
             claim.ended = True
             return record
 
-        claim.record = self.store.update(job_id, start)
+        claim.record = self.store.update(job_id, start, notify=self._callback)
         if claim.claimed:
             self.leases.hold(job_id)
         if claim.ended:
@@ -249,14 +253,14 @@ class JobRunner:
         logger.info("job %s: handed back unstarted (draining)", job_id)
 
     def _ended(self, record: JobRecord) -> None:
-        """A job just reached its terminal state: count it, dead-letter a system failure, tell the caller."""
+        """A job just reached its terminal state (its callback went with it): count it,
+        dead-letter a system failure, let go of its inputs, archive its record."""
         logger.info("job %s: %s %s", record.job_id, record.state.value, record.error.code if record.error else "")
         with self._done_lock:
             self.jobs_done += 1
         metrics.observe_job(record)
         if record.error is not None and record.error.code in DEAD_LETTER_CODES:
             self.store.dead_letter(record.job_id)
-        self._notify(record)
         if handler := self.handlers.by_kind.get(record.kind):
             try:
                 handler.ended(record, record.spec)
@@ -309,7 +313,7 @@ class JobRunner:
             record.timings_ms = timer.ms
             return record
 
-        record = self.store.update(job_id, finish)
+        record = self.store.update(job_id, finish, notify=self._callback)
         if finished:
             self._ended(record)
         elif record.state is JobState.cancelled and record.lease_owner == self.leases.owner:
@@ -333,7 +337,7 @@ class JobRunner:
 
 
 def build_runner(
-    settings: Settings, worker_name: str, kinds: list[str], notify: Callable[[str, str], None]
+    settings: Settings, worker_name: str, kinds: list[str], callback: Callable[[str, str], Push]
 ) -> JobRunner:
     """Load and warm the models these job kinds (their names) need, before the worker consumes."""
     registry = ModelRegistry(settings)
@@ -355,4 +359,4 @@ def build_runner(
     )
     store = RecordStore.from_settings(settings)
     leases = LeaseKeeper(store, settings.lease_s, worker_name)
-    return JobRunner(settings, registry, handlers, batcher, leases, store, storage, notify, worker_name)
+    return JobRunner(settings, registry, handlers, batcher, leases, store, storage, callback, worker_name)

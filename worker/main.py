@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 from celery import Celery
 from celery.utils.nodenames import host_format
 
+from shared.broker import callback_push
 from shared.errors import InvalidInput
-from shared.routing import kinds_served, model_queues, send_callback
+from shared.routing import kinds_served, model_queues
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def run_worker(
         kinds = kinds_served(settings, queues)
 
         def build(app: Celery) -> JobRunner:
-            return build_runner(settings, hostname, kinds, notify=partial(send_callback, app))
+            return build_runner(settings, hostname, kinds, callback=partial(callback_push, app, settings=settings))
 
     app = make_app(settings, build, metrics_url=metrics_url)
     app.worker_main(
