@@ -184,10 +184,9 @@ class Client:
         return self.records.get(job_id)
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
-        try:
-            return self.store.wait(job_id, timeout)
-        except JobNotFound:  # finished long enough ago to be in the bucket only
-            return self.records.get(job_id)
+        # One GET for a job that has ended (in Redis or the bucket); a subscription otherwise.
+        record = self.records.get(job_id)
+        return record if record.state.terminal else self.store.wait(job_id, timeout)
 
     def cancel(self, job_id: str) -> JobRecord:
         """A queued job is never run; a running one ends ``cancelled`` and publishes nothing."""
