@@ -25,18 +25,16 @@ import io
 import json
 import subprocess
 import tempfile
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import redis
 from PIL import Image
 from rich.console import Console
 
-from devstack.stack import LocalStack, free_port
+from devstack.s3_proxy import S3Proxy
+from devstack.stack import LocalStack
 from producer.client import Client
 from refiner.export import NOOP
 from shared import keys
@@ -47,51 +45,6 @@ HEADROOM = 0.5
 # Published FLUX timings per image on one H100-class GPU (the issue's figures; no GPU run here yet).
 GPU_SECONDS_PER_IMAGE = {"flux-schnell": 0.7, "flux-dev": 3.0}
 console = Console()
-
-
-class CountingProxy:
-    """Forwards HTTP to moto's server (on ``upstream_port``, once known) and counts the
-    requests by method."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.upstream_port = 0
-        self.counts: Counter[str] = Counter()
-        counts, lock, proxy = self.counts, threading.Lock(), self
-
-        class Handler(BaseHTTPRequestHandler):
-            # HTTP/1.1 answers boto3's "Expect: 100-continue" at once (1.0 makes it wait a second).
-            protocol_version = "HTTP/1.1"
-
-            def _forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0) or 0))
-                with lock:
-                    counts[self.command] += 1
-                skip = ("host", "content-length", "expect")
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
-                url = f"http://127.0.0.1:{proxy.upstream_port}{self.path}"
-                reply = httpx.request(self.command, url, content=body, headers=headers, timeout=30)
-                self.send_response(reply.status_code)
-                for name, value in reply.headers.items():
-                    if name.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
-                        self.send_header(name, value)
-                self.send_header("Content-Length", str(len(reply.content)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(reply.content)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
-
-            def log_message(self, *_: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def take(self) -> Counter[str]:
-        taken = Counter(self.counts)
-        self.counts.clear()
-        return taken
 
 
 def commandstats(server: redis.Redis) -> Counter[str]:
@@ -107,7 +60,7 @@ def png(side: int = 64) -> bytes:
 
 
 def measure(jobs: int, workdir: Path) -> dict:
-    proxy = CountingProxy()
+    proxy = S3Proxy()
     stack = LocalStack(workdir, preset="noop", refiner=NOOP, s3_endpoint_url=f"http://127.0.0.1:{proxy.port}")
     proxy.upstream_port = stack.s3_port
     with stack:

@@ -74,13 +74,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 from PIL import Image, ImageDraw
 from rich.console import Console
 
+from devstack.s3_proxy import S3Proxy
 from devstack.sentinel import MASTER_NAME, SentinelGroup
-from devstack.stack import LocalStack, free_port, wait_until
+from devstack.stack import LocalStack, wait_until
 from producer.client import Client
 from refiner.export import NOOP
 from shared import keys
@@ -130,71 +130,19 @@ def ended_from(record: dict[str, Any]) -> Ended:
     return Ended(record["state"], error.get("code"), int(record.get("attempts", 0)), wait, record.get("worker"))
 
 
-class S3Gate:
-    """An HTTP pass-through in front of moto's server: the endpoint every client is given.
+class S3Gate(S3Proxy):
+    """The S3 endpoint every client is given (devstack/s3_proxy.py, which plays the outages).
 
-    It counts, per object key, the PUTs S3 answered with success; keeps the last archived
-    record (jobs/<id>/job.json) of each job as it went by; and cuts S3 off on ``outage``
-    (new connections refused, open ones closed unanswered) while moto keeps its objects."""
+    It counts, per object key, the PUTs S3 answered with success, and keeps the last archived
+    record (jobs/<id>/job.json) of each job as it went by."""
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self.upstream_port = 0
         self.puts: Counter[str] = Counter()
         self.records: dict[str, Ended] = {}
         self.unreadable = 0
-        self.down = threading.Event()
-        self._lock = threading.Lock()
-        self._upstream = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=64))
-        self._server: ThreadingHTTPServer | None = None
-        self.open()
+        super().__init__()
 
-    def open(self) -> None:
-        gate = self
-
-        class Handler(BaseHTTPRequestHandler):
-            # HTTP/1.1 answers boto3's "Expect: 100-continue" at once (1.0 makes it wait a second).
-            protocol_version = "HTTP/1.1"
-
-            def _forward(self) -> None:
-                if gate.down.is_set():
-                    self.close_connection = True  # closed unanswered: what a dying server does
-                    return
-                body = self.rfile.read(int(self.headers.get("content-length", 0) or 0))
-                skip = ("host", "content-length", "expect")
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
-                url = f"http://127.0.0.1:{gate.upstream_port}{self.path}"
-                try:
-                    reply = gate._upstream.request(self.command, url, content=body, headers=headers)
-                except httpx.HTTPError:
-                    self.close_connection = True
-                    return
-                if self.command == "PUT" and reply.status_code == 200:
-                    gate._stored(self.path.split("?", 1)[0], body)
-                self.send_response(reply.status_code)
-                for name, value in reply.headers.items():
-                    if name.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
-                        self.send_header(name, value)
-                self.send_header("Content-Length", str(len(reply.content)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(reply.content)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
-
-            def log_message(self, *_: object) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: object, client_address: object) -> None:
-                pass  # a client that went away mid-request (an outage cut it)
-
-        self._server = Server(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def _stored(self, path: str, body: bytes) -> None:
+    def stored(self, path: str, body: bytes) -> None:
         # /<bucket>/<prefix>/jobs/<id>/<name>
         parts = path.lstrip("/").split("/")
         if len(parts) < 4 or parts[-3] != "jobs":
@@ -210,21 +158,6 @@ class S3Gate:
             self.puts[f"{job_id}/{name}"] += 1
             if ended is not None:
                 self.records[job_id] = ended
-
-    def outage(self, seconds: float) -> None:
-        """S3 unreachable for ``seconds``: the listening socket closed, open connections cut."""
-        assert self._server is not None
-        self.down.set()
-        self._server.shutdown()
-        self._server.server_close()
-        time.sleep(seconds)
-        self.down.clear()
-        self.open()
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
 
 
 class CallbackCounter:
@@ -701,6 +634,7 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         ],
         "result_puts_per_job": {str(k): v for k, v in sorted(result_puts.items())},
         "callbacks_per_job": {str(k): v for k, v in sorted(per_job_callbacks.items())},
+        "callbacks_not_one": {j: receiver.terminal[j] for j in job_ids if receiver.terminal[j] != 1},
         "callback_ids_per_job": {
             str(k): v for k, v in sorted(Counter(len(receiver.message_ids.get(j, ())) for j in job_ids).items())
         },
