@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,6 +18,7 @@ from celery.app.events import Events
 from celery.events.dispatcher import EventDispatcher
 from kombu.utils.json import dumps
 
+from shared import keys
 from shared.contract import JobRecord
 from shared.redis_client import is_sentinel, retry_budget_s, sentinel_kwargs, sentinel_master
 from shared.routing import callback_message, default_queues, job_message, task_routes
@@ -47,6 +48,9 @@ class Push:
     queue: str
     list: str  # the queue's list for the message's priority
     message: str
+    # A callback's task id: the writer also marks it pending (keys.CALLBACKS_PENDING) until
+    # a callbacks worker settles it, so that a message lost on the broker is sent again.
+    callback: str | None = None
 
 
 def job_push(app: Celery, record: JobRecord, settings: Settings) -> Push:
@@ -57,7 +61,8 @@ def job_push(app: Celery, record: JobRecord, settings: Settings) -> Push:
 def callback_push(app: Celery, job_id: str, event: str, settings: Settings) -> Push:
     """The callback message of a job's ``event`` (``shared.routing.callback_message``), at
     the priority Celery gives a task sent without one."""
-    return _push(*callback_message(app, job_id, event, settings), PRIORITY_STEPS[0])
+    push = _push(*callback_message(app, job_id, event, settings), PRIORITY_STEPS[0])
+    return replace(push, callback=keys.callback_task_id(job_id, event))
 
 
 def _push(queue: str, message: dict[str, Any], priority: int) -> Push:

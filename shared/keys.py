@@ -21,9 +21,23 @@ def job_events_channel(job_id: str) -> str:
 
 DEAD_LETTER = f"{PREFIX}:dead-letter"  # ids of jobs that failed for reasons of the system
 QUEUED = f"{PREFIX}:queued"  # ids of queued jobs, scored by when they were queued (orphan sweep)
+# Callback task ids (callback_task_id) sent and not settled, scored by when last sent (orphan sweep)
+CALLBACKS_PENDING = f"{PREFIX}:callbacks:pending"
 DEAD_LETTER_MAX = 10_000
 
 TASK_CALLBACK = "refinery.deliver_callback"
+
+
+def callback_task_id(job_id: str, event: str) -> str:
+    """One id for every message of a job's callback for ``event``: a worker holding any of
+    them holds "the" callback (held_task_ids), and Flower shows its retries as one task."""
+    return f"callback:{job_id}:{event}"
+
+
+def parse_callback_task_id(task_id: str) -> tuple[str, str]:
+    """``(job_id, event)`` of a ``callback_task_id``."""
+    _, job_id, event = task_id.split(":")
+    return job_id, event
 
 
 def task_name(kind: str) -> str:

@@ -1,14 +1,17 @@
 """S3 storage for inputs and results (AWS, MinIO, moto: anything boto3 speaks to).
 
-Result keys derive from the job id alone, so a redelivered job overwrites its own objects
-instead of writing new ones.
+Result keys derive from the job id alone, and results are written once (``put(once=True)``):
+a redelivered job finds what an earlier attempt of it stored instead of storing it again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import time
+from collections.abc import Callable, Collection
+from typing import TypeVar
 
 import boto3
 from botocore.config import Config
@@ -23,6 +26,7 @@ logger = logging.getLogger(__name__)
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 # The bucket lifecycle rule this service owns; other rules in the bucket are left alone.
 RETENTION_RULE_ID = "refinery-jobs-retention"
+T = TypeVar("T")
 
 
 class ObjectStore:
@@ -53,19 +57,52 @@ class ObjectStore:
         except ClientError:
             self.client.create_bucket(Bucket=self.settings.s3_bucket)
 
-    def put(self, uri: str, data: bytes, content_type: str) -> str:
-        """Upload, retrying with backoff through an outage of up to ``s3_retry_budget_s``."""
+    def put(self, uri: str, data: bytes, content_type: str, *, once: bool = False) -> str:
+        """Upload, retrying with backoff through an outage of up to ``s3_retry_budget_s``.
+
+        ``once``, for a job's results: stored only where the object is absent (a conditional
+        PUT, If-None-Match). Where an attempt of the same job already stored these bytes (a
+        worker killed after its upload, a lease that ran out during an S3 outage, a reply
+        lost and retried) they are kept as they are, so a result is stored once and never
+        changes under a reader. Different bytes (the refiner channels moved between the
+        attempts, a nondeterministic GPU kernel) replace the earlier ones, so that the object
+        is the one the job's record describes."""
         bucket, key = parse_s3_uri(uri)
+        digest = hashlib.sha256(data).hexdigest()
+
+        def upload(**conditions: str) -> None:
+            self.client.put_object(
+                Bucket=bucket, Key=key, Body=data, ContentType=content_type, Metadata={"sha256": digest}, **conditions
+            )
+
+        if not once:
+            self._retrying(f"upload of {uri}", upload)
+            return uri
+        try:
+            self._retrying(f"upload of {uri}", lambda: upload(IfNoneMatch="*"), final={"PreconditionFailed"})
+        except ClientError:  # PreconditionFailed: an earlier attempt stored it
+            stored = self._retrying(f"read of {uri}", lambda: self.client.head_object(Bucket=bucket, Key=key))
+            if stored.get("Metadata", {}).get("sha256") == digest:
+                logger.info("%s: an earlier attempt of this job stored the same bytes; kept", uri)
+                return uri
+            logger.warning("%s: an earlier attempt of this job stored other bytes; replaced", uri)
+            self._retrying(f"upload of {uri}", upload)
+        return uri
+
+    def _retrying(self, what: str, call: Callable[[], T], *, final: Collection[str] = ()) -> T:
+        """``call()``, retried with backoff through an outage of up to ``s3_retry_budget_s``;
+        then StorageUnavailable. An error whose code is in ``final`` is an answer: raised as is."""
         deadline = time.monotonic() + self.settings.s3_retry_budget_s
         for attempt in itertools.count():
             try:
-                self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
-                return uri
+                return call()
             except (BotoCoreError, ClientError) as exc:
+                if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in final:
+                    raise
                 pause = min(2.0**attempt * 0.25, 10.0)
                 if time.monotonic() + pause > deadline:
-                    raise StorageUnavailable(f"upload of {uri} failed: {exc}") from exc
-                logger.warning("upload of %s failed (%s); retrying in %.1f s", uri, type(exc).__name__, pause)
+                    raise StorageUnavailable(f"{what} failed: {exc}") from exc
+                logger.warning("%s failed (%s); retrying in %.1f s", what, type(exc).__name__, pause)
                 time.sleep(pause)
         raise AssertionError("unreachable")
 

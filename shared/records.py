@@ -214,6 +214,8 @@ class RecordStore:
                     pipe.publish(keys.job_events_channel(job_id), state)
                     if push:
                         pipe.lpush(push.list, push.message)
+                        if push.callback:
+                            pipe.zadd(keys.CALLBACKS_PENDING, {push.callback: time.time()})
                     pipe.execute()
                     break
                 except redis.WatchError:
@@ -227,6 +229,25 @@ class RecordStore:
 
     def forget_queued(self, job_id: str) -> None:
         self.redis.zrem(keys.QUEUED, job_id)
+
+    def push(self, push: Push) -> None:
+        """Send a message outside a record's transaction (sent again by a sweep, say); a
+        callback's is marked pending as ``update`` marks it."""
+        with self.redis.pipeline() as pipe:
+            pipe.lpush(push.list, push.message)
+            if push.callback:
+                pipe.zadd(keys.CALLBACKS_PENDING, {push.callback: time.time()})
+            pipe.execute()
+
+    def callbacks_sent_before(self, moment: float) -> list[str]:
+        """Task ids (``keys.callback_task_id``) of the callbacks last sent before ``moment``
+        and not settled since."""
+        pending = self.redis.zrangebyscore(keys.CALLBACKS_PENDING, "-inf", moment)
+        return [_text(task_id) for task_id in cast(list[bytes], pending)]
+
+    def callback_settled(self, task_id: str) -> None:
+        """A callback was delivered or given up on: no sweep sends it again."""
+        self.redis.zrem(keys.CALLBACKS_PENDING, task_id)
 
     def cancel(self, job_id: str, notify: Notify | None = None) -> tuple[JobRecord, bool]:
         """Cancel a job that has not finished; returns the record and whether this call

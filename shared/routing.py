@@ -57,7 +57,7 @@ def callback_message(app: Celery, job_id: str, event: str, settings: Settings) -
     """The callbacks task's message for a job's ``event`` (the state it entered), and its
     queue, for the transaction that enters the state (``RecordStore.update``'s ``notify``)."""
     queue = settings.queue_callbacks
-    return queue, _message(app, keys.TASK_CALLBACK, [job_id, event], str(uuid.uuid4()), queue)
+    return queue, _message(app, keys.TASK_CALLBACK, [job_id, event], keys.callback_task_id(job_id, event), queue)
 
 
 def _message(app: Celery, task: str, args: list[str], task_id: str, queue: str) -> dict[str, Any]:

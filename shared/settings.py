@@ -51,8 +51,9 @@ class Settings(BaseSettings):
     # set it for a managed Redis whose endpoint fails over.
     redis_retry_s: float | None = Field(None, ge=0)
     # A Redis primary lost just as a worker took a message loses that message while its job
-    # stays queued. An idle model worker looks this often for jobs queued longer than this,
-    # whose queue is empty and whose message no worker holds, and sends them again.
+    # stays queued (or its callback pending). An idle worker looks this often for jobs queued
+    # (callbacks pending) longer than this, whose queue is empty and whose message no worker
+    # holds, and sends them again.
     orphan_check_s: float = Field(10.0, gt=0)
 
     # S3 (AWS, MinIO, moto). Credentials: the standard AWS variables, or these.

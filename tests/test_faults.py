@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections import Counter
 
 import pytest
 
+from devstack.s3_proxy import S3Proxy
 from devstack.stack import LocalStack, wait_until
 from producer.client import Client
 from shared import keys
+from shared.broker import queue_lists
 from shared.contract import GenerateSpec, JobRecord, JobState
 
 pytestmark = pytest.mark.integration
@@ -83,6 +86,75 @@ def test_worker_killed_right_after_a_job_succeeded_still_calls_back_once(tmp_pat
 
     assert record.state is JobState.succeeded
     assert [json.loads(body)["data"]["job_id"] for body in receiver.requests] == [job.job_id]
+
+
+def test_a_callback_message_lost_on_the_broker_is_sent_again_once(tmp_path, receiver):
+    """benchmarks/soak.py's missing callback (1 of 30,000 with 7 failovers): a failover
+    between kombu's BRPOP and its unacknowledged entry loses the message. The callback
+    stays pending (keys.CALLBACKS_PENDING) until a callbacks worker settles it, and that
+    worker's sweep sends it again; before, the receiver never heard of the job."""
+    with LocalStack(tmp_path) as stack:
+        stack.start_worker("worker")
+        client = Client(stack.settings)
+        job = client.submit_generate("portrait", seed=1, width=SIZE, height=SIZE, callback_url=receiver.url)
+        assert job.wait(60).state is JobState.succeeded
+        redis = client.store.redis
+        lost = redis.delete(*queue_lists(stack.settings.queue_callbacks))  # what the failover took
+        stack.start_worker("callbacks", [stack.settings.queue_callbacks])
+        wait_until(lambda: len(receiver.requests) >= 1, timeout_s=4 * stack.settings.orphan_check_s, what="callback")
+        stack.wait_callbacks_settled()
+        pending = redis.zcard(keys.CALLBACKS_PENDING)
+        log = (stack.logs / "callbacks.log").read_text()
+
+    assert lost == 1
+    assert [json.loads(body)["data"]["job_id"] for body in receiver.requests] == [job.job_id]
+    assert f"job {job.job_id}: its succeeded callback had no message left on the broker; sent again" in log
+    assert pending == 0  # settled: no sweep sends it again
+
+
+class HoldFirstUpload(S3Proxy):
+    """S3 stores the first upload of each result, then its reply waits until ``release``:
+    the window between a worker's upload and the transaction that ends its job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored_results: Counter[str] = Counter()
+        self.holding, self.release = threading.Event(), threading.Event()
+
+    def stored(self, path: str, body: bytes) -> None:
+        if "/jobs/" in path and not path.endswith("/job.json"):
+            self.stored_results[path] += 1
+            if self.stored_results[path] == 1:
+                self.holding.set()
+                self.release.wait(60)
+
+
+def test_a_worker_killed_between_its_upload_and_the_end_of_its_job_leaves_the_result_stored_once(tmp_path):
+    """benchmarks/soak.py's double write: the attempt that runs the job again finds the
+    bytes it made already stored (results are written with If-None-Match) and keeps them;
+    before, S3 stored each such result twice (2 of 30,000 jobs in the soak)."""
+    proxy = HoldFirstUpload()
+    stack = LocalStack(tmp_path, s3_endpoint_url=f"http://127.0.0.1:{proxy.port}", visibility_timeout_s=3, lease_s=3)
+    proxy.upstream_port = stack.s3_port
+    try:
+        with stack:
+            stack.start_worker("doomed")
+            client = Client(stack.settings)
+            job = client.submit_generate("portrait", seed=1, width=SIZE, height=SIZE)
+            assert proxy.holding.wait(60), "the result was never uploaded"
+            stack.stop_process("doomed", signal.SIGKILL)
+            proxy.release.set()
+            stack.start_worker("rescuer")
+            record = job.wait(120)
+            rescuer_log = (stack.logs / "rescuer.log").read_text()
+    finally:
+        proxy.release.set()
+        proxy.close()
+
+    assert record.state is JobState.succeeded and record.attempts == 2
+    assert record.worker == "rescuer@localstack"
+    assert list(proxy.stored_results.values()) == [1]
+    assert "stored the same bytes; kept" in rescuer_log
 
 
 def test_redelivered_long_job_is_held_back_by_its_lease(tmp_path):

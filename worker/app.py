@@ -30,7 +30,7 @@ from shared.objects import ObjectStore
 from shared.records import RecordStore
 from shared.settings import Settings
 from worker import metrics
-from worker.orphans import OrphanSweeper
+from worker.orphans import CallbackSweeper, OrphanSweeper
 
 if TYPE_CHECKING:
     from celery.worker.consumer import Consumer
@@ -74,6 +74,7 @@ def make_app(
     def deliver_callback(task: Task, job_id: str, event: str) -> None:
         from worker.notify import deliver_job_callback
 
+        retrying = False
         try:
             deliver_job_callback(settings, records, job_id, event)
         except CallbackFailed as exc:
@@ -84,7 +85,11 @@ def make_app(
                 return
             # Exponential backoff, capped; the job's own state is already final.
             countdown = min(settings.callback_backoff_max_s, 2**task.request.retries)
+            retrying = True
             raise task.retry(countdown=countdown, exc=exc) from None
+        finally:
+            if not retrying:
+                store.callback_settled(keys.callback_task_id(job_id, event))
 
     consumers: list[Consumer] = []
     stopped = threading.Event()
@@ -101,6 +106,8 @@ def make_app(
         if runner is not None:
             OrphanSweeper(app, store, settings, list(runner.handlers.by_kind)).start()
             runner.registry.refiners.start(on_change=changed.set)
+        else:
+            CallbackSweeper(app, store, settings).start()
 
     def heartbeat(hostname: str, info: dict[str, object]) -> None:
         every_s = settings.worker_heartbeat_s

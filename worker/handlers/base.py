@@ -110,7 +110,9 @@ def publish_image(
             encoded["raw"] = encode_image(to_pil(output.raw), fmt, provenance)
     with timer("upload"):
         uris = {
-            name: storage.put(storage.job_uri(record.job_id, f"{name}.{EXTENSIONS[fmt]}"), data, CONTENT_TYPES[fmt])
+            name: storage.put(
+                storage.job_uri(record.job_id, f"{name}.{EXTENSIONS[fmt]}"), data, CONTENT_TYPES[fmt], once=True
+            )
             for name, data in encoded.items()
         }
     main_uri = uris.get("refined") or uris["image"]

@@ -95,7 +95,7 @@ class PairJob(JobHandler[PairSpec]):
         uris = pair_uris(spec.dataset, spec.pair_id)
         with timer("upload"):
             for role in PAIR_IMAGES:
-                self.storage.put(uris[role], encoded[role], CONTENT_TYPES[OutputFormat.png])
+                self.storage.put(uris[role], encoded[role], CONTENT_TYPES[OutputFormat.png], once=True)
             # Last: a manifest row means a complete pair (what resuming relies on).
             self.storage.put(uris["manifest"], row.model_dump_json().encode(), "application/json")
         result = JobResult(
