@@ -13,7 +13,10 @@ worker, all configured through Sentinel with the product's default settings exce
                            within the run instead of an hour later;
   visibility_timeout_s 30  a SIGKILLed worker's unacknowledged messages come back after
                            30 s instead of an hour (docs/operations.md); its jobs run again
-                           once their lease (lease_s, default 60 s) has run out.
+                           once their lease (lease_s, default 60 s) has run out;
+  job_ttl_s (--job-ttl-s)  the product's 7 days unless given: a shorter one lets the
+                           idempotency keys expire at the end, so that memory can be seen
+                           back at its baseline.
 
 Two producer threads submit ``--jobs`` generate jobs (``--rate`` jobs/s in all, 0: as fast
 as the system takes them; at most ``--in-flight`` not yet called back), each with its own
@@ -87,11 +90,13 @@ from shared import keys
 from shared.errors import JobNotFound, QueueFull
 from shared.records import RecordStore
 from shared.redis_client import connect
+from shared.settings import Settings
 
 RESULTS = Path(__file__).parent / "results"
 QUICK_RESULTS = Path(__file__).parents[1] / "build" / "soak"
 FAULTS = ("kill", "failover", "s3", "drain")
 LINGER_S = 5.0
+DAY_S = 86_400
 VISIBILITY_TIMEOUT_S = 30
 SIZE = 64
 PRODUCERS = 2
@@ -502,6 +507,7 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         s3_endpoint_url=f"http://127.0.0.1:{gate.port}",
         record_linger_s=LINGER_S,
         visibility_timeout_s=VISIBILITY_TIMEOUT_S,
+        job_ttl_s=args.job_ttl_s,
     )
     gate.upstream_port = stack.s3_port
     workers = [f"worker{n}" for n in range(args.workers)]
@@ -567,6 +573,17 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             wait_until(lambda: redis_keys(sampler.redis)[f"{keys.PREFIX}:job"] == 0, timeout_s=120, what="records gone")
         except TimeoutError as exc:
             console.log(str(exc))
+        if args.job_ttl_s < DAY_S:
+            # The idempotency keys (the only keys a job leaves) expire too: memory is back to
+            # its baseline, which is what shows that nothing else accumulates.
+            try:
+                wait_until(
+                    lambda: redis_keys(sampler.redis)[f"{keys.PREFIX}:idem"] == 0,
+                    timeout_s=args.job_ttl_s + 120,
+                    what="idempotency keys gone",
+                )
+            except TimeoutError as exc:
+                console.log(str(exc))
         sampler.stop.set()
         sampler.thread.join()
         after = sampler.memory()
@@ -791,6 +808,13 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=600.0, help="how long the end waits for every job")
     parser.add_argument(
         "--quick", action="store_true", help="2,000 jobs, every fault at least once; writes build/soak/"
+    )
+    parser.add_argument(
+        "--job-ttl-s",
+        type=int,
+        default=Settings.model_fields["job_ttl_s"].default,
+        help="REFINERY_JOB_TTL_S (default the product's, 7 days); under a day, the run also waits "
+        "for the idempotency keys to expire and measures memory after that",
     )
     parser.add_argument("--out", type=Path, help=f"default: {RESULTS}, or {QUICK_RESULTS} with --quick")
     parser.add_argument("--work", type=Path, help="the stack's directory, kept (logs): default build/soak/stack")
