@@ -823,7 +823,7 @@ def main() -> None:
         parser.error("--workers must be at least 2")
     args.jobs = args.jobs or (2000 if args.quick else 100_000)
     out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
-    workdir = args.work or QUICK_RESULTS / "stack"
+    workdir = (args.work or QUICK_RESULTS / "stack").resolve()  # redis-server runs in it: no relative paths
     shutil.rmtree(workdir, ignore_errors=True)
     run = soak(args, workdir)
     out.mkdir(parents=True, exist_ok=True)

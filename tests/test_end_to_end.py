@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 
 import httpx
 import pytest
@@ -17,7 +18,8 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from devstack.stack import wait_until
 from shared import keys
-from shared.contract import CallbackStatus, JobRecord, JobState
+from shared.broker import job_push
+from shared.contract import CallbackStatus, GenerateSpec, JobRecord, JobState, utcnow
 from shared.errors import CallbackRefused, InputNotFound, InvalidInput
 from shared.images import TRAINED_ALGORITHMIC_MEDIA, read_provenance
 
@@ -257,3 +259,26 @@ def test_timings_add_up(client):
     assert t["total"] == pytest.approx((record.finished_at - record.created_at).total_seconds() * 1000, abs=1)
     queue_wait = (record.started_at - record.created_at).total_seconds() * 1000
     assert t["queue_wait"] == pytest.approx(queue_wait, abs=1)
+
+
+def test_a_late_message_of_a_job_with_no_record_left_runs_nothing_and_the_worker_keeps_serving(stack, client):
+    """A job's second message can come after its record left Redis (record_linger_s after it
+    ended): the worker says so in one warning and the task ends there. Before, the task
+    failed with JobNotFound, an ERROR and a traceback (benchmarks/soak.py counted them)."""
+    record = JobRecord(
+        job_id=uuid.uuid4().hex,
+        kind="generate_and_refine",
+        spec=GenerateSpec(prompt="portrait", width=SIZE, height=SIZE),
+        state=JobState.queued,
+        created_at=utcnow(),
+    )
+    client.store.push(job_push(client.celery, record, client.settings))  # the message alone
+    log = stack.logs / "worker.log"
+    # Celery's task id is the job id.
+    wait_until(lambda: f"[{record.job_id}] succeeded" in log.read_text(), timeout_s=60, what="the task's end")
+    after = client.submit_generate("portrait", seed=3, width=SIZE, height=SIZE).wait(60)
+
+    lines = [line for line in log.read_text().splitlines() if record.job_id in line]
+    assert any("not run (no record in Redis: it ended long ago, or expired)" in line for line in lines)
+    assert not any("ERROR" in line for line in lines)
+    assert after.state is JobState.succeeded

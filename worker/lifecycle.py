@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from shared.archive import RecordArchive
 from shared.broker import Push
 from shared.contract import JobError, JobRecord, JobResult, JobState, Quality, utcnow
-from shared.errors import RefineryError
+from shared.errors import JobNotFound, RefineryError
 from shared.objects import ObjectStore
 from shared.records import RecordStore
 from shared.settings import Settings
@@ -127,6 +127,11 @@ class JobRunner:
             raise HandBack(job_id)
         try:
             claim = self._claim(job_id)
+        except JobNotFound:
+            # A late second message (a redelivery, a lost message sent again) of a job whose
+            # record has left Redis: finished and archived after record_linger_s, or expired.
+            logger.warning("job %s: not run (no record in Redis: it ended long ago, or expired)", job_id)
+            return None
         except ValidationError as exc:
             logger.warning("job %s: record breaks the job contract: %s", job_id, exc.errors()[0]["msg"])
             self.store.fail_unreadable(job_id, f"the job record breaks the contract: {exc.errors()[0]['msg']}")
