@@ -155,8 +155,8 @@ class CallbackFailed(Exception):
 @functools.cache
 def _tls_context() -> ssl.SSLContext:
     """One TLS context for every delivery of the process: httpx builds a new one for each
-    client it makes, loading certifi's CA bundle each time, which cost 44 ms of CPU per
-    callback and capped a callbacks worker at about 20 a second (benchmarks/callback_cost.py).
+    client it makes, loading certifi's CA bundle each time, which cost 42 ms of CPU per
+    callback and capped a callbacks worker at about 24 a second (benchmarks/callback_cost.py).
     A context is safe to share between threads."""
     return httpx.create_ssl_context(trust_env=False)
 

@@ -54,6 +54,13 @@ Notify = Callable[[JobRecord], Push | None]
 Change = tuple[str, str, str, Push | None]
 
 
+def _send(pipe: redis.client.Pipeline, push: Push) -> None:
+    """Queue ``push`` in ``pipe``; a callback is also marked pending until it is settled."""
+    pipe.lpush(push.list, push.message)
+    if push.callback:
+        pipe.zadd(keys.CALLBACKS_PENDING, {push.callback: time.time()})
+
+
 def _reply(value: bytes | str | None) -> bytes | None:
     # redis-py types replies as bytes | str to cover decode_responses; every client here
     # (from_settings, and the tests') is built without it, so they are bytes.
@@ -213,9 +220,7 @@ class RecordStore:
                         pipe.zrem(keys.QUEUED, job_id)
                     pipe.publish(keys.job_events_channel(job_id), state)
                     if push:
-                        pipe.lpush(push.list, push.message)
-                        if push.callback:
-                            pipe.zadd(keys.CALLBACKS_PENDING, {push.callback: time.time()})
+                        _send(pipe, push)
                     pipe.execute()
                     break
                 except redis.WatchError:
@@ -234,9 +239,7 @@ class RecordStore:
         """Send a message outside a record's transaction (sent again by a sweep, say); a
         callback's is marked pending as ``update`` marks it."""
         with self.redis.pipeline() as pipe:
-            pipe.lpush(push.list, push.message)
-            if push.callback:
-                pipe.zadd(keys.CALLBACKS_PENDING, {push.callback: time.time()})
+            _send(pipe, push)
             pipe.execute()
 
     def callbacks_sent_before(self, moment: float) -> list[str]:

@@ -9,8 +9,8 @@ with nothing left to run it, or a callback marked pending that no receiver will 
 worker looks for the ones older than that whose queue is empty and whose message no worker
 holds. A second message for a job is harmless: the first delivery to claim it runs it,
 the others find it running or finished. A second callback (a sweep that caught a message
-in that gap) reaches the receiver with the same webhook-id, by which receivers drop
-duplicates.
+in that gap, or two callbacks workers sweeping at once) reaches the receiver with the same
+webhook-id, by which receivers drop duplicates.
 """
 
 from __future__ import annotations
