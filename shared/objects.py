@@ -68,6 +68,13 @@ class ObjectStore:
         attempts, a nondeterministic GPU kernel) replace the earlier ones, so that the object
         is the one the job's record describes."""
         bucket, key = parse_s3_uri(uri)
+        if not once:
+            self._retrying(
+                f"upload of {uri}",
+                lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type),
+            )
+            return uri
+        # Hashed only here: the digest tells an earlier attempt's bytes from these.
         digest = hashlib.sha256(data).hexdigest()
 
         def upload(**conditions: str) -> None:
@@ -75,9 +82,6 @@ class ObjectStore:
                 Bucket=bucket, Key=key, Body=data, ContentType=content_type, Metadata={"sha256": digest}, **conditions
             )
 
-        if not once:
-            self._retrying(f"upload of {uri}", upload)
-            return uri
         try:
             self._retrying(f"upload of {uri}", lambda: upload(IfNoneMatch="*"), final={"PreconditionFailed"})
         except ClientError:  # PreconditionFailed: an earlier attempt stored it
