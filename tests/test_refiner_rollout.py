@@ -51,23 +51,26 @@ def _status(stack: LocalStack) -> dict:
     return json.loads(_cli(stack, "refiner", "status", NAME, "--json"))
 
 
-def _followed(stack: LocalStack, revision: int) -> None:
-    """Wait until every worker adopted ``revision`` of the channels (their records say, as
-    `refinery refiner status` shows them)."""
+def _followed(stack: LocalStack, **serving: str) -> int:
+    """Wait until every worker serves the channels as they are now: their revision adopted,
+    its stable and canary loaded (the workers' records say, as `refinery refiner status` shows
+    them; a worker that could not load a version yet adopts the revision without it and tries
+    again), or what ``serving`` says instead. Returns that revision."""
     store = RecordStore.from_settings(stack.settings)
+    now = _status(stack)
+    wanted = {"revision": now["revision"], "stable": now["stable"], "canary": now["canary"], **serving}
 
-    def adopted() -> bool:
+    def serving() -> bool:
         seen = {name: info.get("refiner_channels") or {} for name, info in store.workers().items()}
-        return set(seen) >= set(WORKERS) and all((seen[w].get("revision") or 0) >= revision for w in WORKERS)
+        return all({key: seen.get(w, {}).get(key) for key in wanted} == wanted for w in WORKERS)
 
-    wait_until(adopted, timeout_s=60, what=f"workers at revision {revision}")
+    wait_until(serving, timeout_s=60, what=f"workers serving {wanted}")
+    return now["revision"]
 
 
 def _promote(stack: LocalStack, version: str, *extra: str) -> int:
     _cli(stack, "refiner", "promote", f"{NAME}@{version}", *extra)
-    revision = _status(stack)["revision"]
-    _followed(stack, revision)
-    return revision
+    return _followed(stack)
 
 
 def _submit(client: Client, count: int, first_seed: int) -> list[str]:
@@ -94,7 +97,7 @@ def rollout(tmp_path_factory) -> Iterator[tuple[LocalStack, dict[str, str]]]:
         _cli(stack, "refiner", "promote", f"{NAME}@{versions['demo']}")
         with ThreadPoolExecutor(len(WORKERS)) as starting:  # side by side: each loads its models
             list(starting.map(lambda worker: stack.start_worker(worker.partition("@")[0], env=FOLLOW), WORKERS))
-        _followed(stack, 1)
+        _followed(stack)
         yield stack, versions
 
 
@@ -118,12 +121,14 @@ def test_a_blurring_canary_is_rolled_back_by_the_system(rollout):
         "system:",
     )
     assert "flagged rate" in rollback["reason"]
+    said = [w for w in ("one", "two") if "rolled back" in (stack.logs / f"{w}.log").read_text()]
+    assert len(said) == 1, f"one rollback, announced by the worker that made it, not by {said}"
     # The decision counted both workers' jobs: the tallies hold every job either one refined.
     decided = rollback["tallies"]
     assert decided["stable"]["jobs"] >= 50 and decided["canary"]["jobs"] >= 50
     assert all(r.quality.flagged for r in records if r.refiner == canary)
 
-    _followed(stack, after["revision"])
+    _followed(stack)
     later = [client.wait(job_id, 120) for job_id in _submit(client, 20, 1000)]
     assert {r.refiner for r in later} == {stable}, "every job submitted after the rollback runs stable"
     assert after["revision"] == revision + 1
@@ -135,13 +140,13 @@ def test_a_canary_as_good_as_stable_is_kept(rollout):
     _promote(stack, versions["equal"], "--canary", "0.5")
     records = [client.wait(job_id, 300) for job_id in _submit(client, 400, 2000)]
     assert Counter(r.state for r in records) == {JobState.succeeded: 400}
-    ran = Counter(r.refiner for r in records)
-    assert set(ran) == {f"{NAME}@{versions['demo']}", f"{NAME}@{versions['equal']}"}
-    assert ran[f"{NAME}@{versions['equal']}"] == pytest.approx(200, abs=40)
-
     status = _status(stack)
     assert status["canary"] == versions["equal"], status["history"][-1]
     assert status["verdict"] == "not worse so far"
+
+    stable, canary = f"{NAME}@{versions['demo']}", f"{NAME}@{versions['equal']}"
+    assert {(r.worker, r.refiner) for r in records} == {(w, v) for w in WORKERS for v in (stable, canary)}
+    assert Counter(r.refiner for r in records)[canary] == pytest.approx(200, abs=40)
     assert status["tallies"]["stable"]["jobs"] + status["tallies"]["canary"]["jobs"] == 400
     _cli(stack, "refiner", "rollback", NAME, "--reason", "done comparing")
 
@@ -202,7 +207,8 @@ def test_an_altered_version_is_never_served_and_doctor_says_why(rollout):
     data[-8:] = bytes(8)
     objects.client.put_object(Bucket=stack.settings.s3_bucket, Key=key, Body=bytes(data))
 
-    revision = _promote(stack, altered)  # workers adopt the revision, but keep their stable
+    _cli(stack, "refiner", "promote", f"{NAME}@{altered}")
+    revision = _followed(stack, stable=serving)  # workers adopt the revision, but keep their stable
     records = [client.wait(job_id, 120) for job_id in _submit(client, 8, 5000)]
     assert {r.refiner for r in records} == {f"{NAME}@{serving}"}
     assert all(r.state is JobState.succeeded for r in records)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 import threading
 from abc import ABC, abstractmethod
@@ -113,7 +114,9 @@ class RegistryRefiners(RefinerSource):
         self.registry = registry
         self.device, self.dtype, self.warm_side = device, dtype, warm_side
         self.rule = CanaryRule.from_settings(settings)
-        self.by = f"system:{socket.gethostname()}"
+        # Per process: workers on one node judge the same tallies, and each must tell its own
+        # rollback from its neighbour's (one announcement, one count in the metrics).
+        self.by = f"system:{socket.gethostname()}:{os.getpid()}"
         self._resident: OrderedDict[str, Refiner] = OrderedDict()  # ref -> refiner, least recently used first
         self._failed: dict[str, str] = {}  # ref -> why it is never served
         self._adopted: Channels | None = None
