@@ -21,10 +21,19 @@ Results go under ``--label`` in benchmarks/results/ceiling.json, beside other la
 
 from __future__ import annotations
 
+import os
+import sys
+
+# libgomp reads its settings once, when torch loads it, and the worker inherits them: so
+# before the imports. The in-process figures stand for the worker's own work, so they run
+# as the worker does (worker/main.py); --spin gives both libgomp's default spin instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "--spin" in sys.argv:
+    os.environ["GOMP_SPINCOUNT"] = "300000"
+
 import argparse
 import io
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -233,6 +242,12 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(f.value for f in OutputFormat))
     parser.add_argument("--out", type=Path, help=f"default: {RESULTS}, or {QUICK_RESULTS} with --quick")
     parser.add_argument("--note", default="", help="what this run measured, e.g. which encoder")
+    parser.add_argument(
+        "--spin",
+        action="store_true",
+        help="libgomp's default spin after each parallel region (GOMP_SPINCOUNT=300000), in the "
+        "worker and in-process: how workers ran before they set OMP_WAIT_POLICY=PASSIVE",
+    )
     args = parser.parse_args()
     # A smoke run never replaces the committed full run that the docs cite.
     args.out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
@@ -246,7 +261,14 @@ def main() -> None:
 
     run: dict = {
         "note": args.note,
-        "config": {"quick": args.quick, "formats": formats, "sizes": sizes, "jobs": jobs, "torch": torch.__version__},
+        "config": {
+            "quick": args.quick,
+            "formats": formats,
+            "sizes": sizes,
+            "jobs": jobs,
+            "torch": torch.__version__,
+            "openmp": {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+        },
         "machine": {
             "cpus": os.cpu_count(),
             "processor": platform.processor(),
