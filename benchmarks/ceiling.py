@@ -24,12 +24,14 @@ from __future__ import annotations
 import os
 import sys
 
-# libgomp reads its settings once, when torch loads it, and the worker inherits them: so
-# before the imports. The in-process figures stand for the worker's own work, so they run
-# as the worker does (worker/main.py); --spin gives both libgomp's default spin instead.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from worker.openmp import idle_threads_sleep
+
+# Before torch loads libgomp, which reads its settings then; the worker inherits them. The
+# in-process figures stand for the worker's own work, so they run as the worker does;
+# --spin gives both libgomp's default spin instead.
 if "--spin" in sys.argv:
     os.environ["GOMP_SPINCOUNT"] = "300000"
+idle_threads_sleep()
 
 import argparse
 import io

@@ -18,6 +18,7 @@ from shared.broker import callback_push
 from shared.errors import InvalidInput
 from shared.routing import kinds_served, model_queues
 from shared.settings import Settings
+from worker.openmp import idle_threads_sleep
 
 if TYPE_CHECKING:
     from worker.lifecycle import JobRunner
@@ -42,7 +43,7 @@ def run_worker(
     unknown = set(queues) - {*model_queues(settings), settings.queue_callbacks}
     if unknown:
         raise InvalidInput(f"unknown queue(s) {sorted(unknown)}", field="queues")
-    _idle_threads_sleep()
+    idle_threads_sleep()  # before torch loads
     # Expanded here (%h -> this host), so job records name the worker as Celery does.
     hostname = host_format(name or f"{'+'.join(queues)}-{os.getpid()}@%h")
 
@@ -81,17 +82,6 @@ def run_worker(
     )
     if sidecar is not None:
         sidecar.communicate()  # closes its stdin: it drains too, and this worker waits for it
-
-
-def _idle_threads_sleep() -> None:
-    """Let torch's OpenMP threads sleep between parallel regions instead of spinning, unless
-    ``OMP_WAIT_POLICY`` is set already. libgomp's default spins each idle thread for about
-    300,000 pauses after every region; a worker runs many small CPU ops (tensor conversions
-    at each job's edges) between its threads' decoding, encoding and S3 calls, so the spin
-    took the cores from that work (benchmarks/ceiling.py: docs/benchmarks.md). libgomp
-    reads the variable once, when torch loads it: so before anything imports torch
-    (tests/test_ceiling.py checks that it took)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _start_callbacks_worker(settings: Settings, hostname: str) -> subprocess.Popen:
