@@ -37,7 +37,9 @@ import argparse
 import io
 import json
 import platform
+import signal
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -215,6 +217,60 @@ def scaling(ceiling: Ceiling, rows: list[tuple[str, int, str]], jobs: dict[int, 
     return result
 
 
+# Where a sample's CPU goes: the innermost frame from one of these (package or module path
+# fragments, as py-spy prints file names), else "other".
+LIBRARIES = {
+    "S3 client (boto3)": ("botocore/", "boto3/", "s3transfer/", "urllib3/", "http/client.py"),
+    "Redis": ("redis/",),
+    "Celery, kombu": ("celery/", "kombu/", "billiard/", "vine/"),
+    "codecs (Pillow, fpng)": ("PIL/", "fpng", "shared/images.py"),
+    "tensor conversions (torch)": ("torch/", "refiner/pixels.py"),
+    "records (pydantic, json)": ("pydantic", "json/"),
+}
+
+
+def profile(ceiling: Ceiling, kind: str, size: int, fmt: str, jobs: int) -> dict:
+    """py-spy samples the worker (every thread, without pausing it) through one burst: the
+    share of its CPU samples that each library's code holds, and the hottest functions."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "stacks.txt"
+        argv = [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(ceiling.worker.pid),
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+        ]
+        spy = subprocess.Popen([*argv, "--rate", "250", "--nonblocking"], stdout=subprocess.DEVNULL)
+        time.sleep(1)  # attached
+        row = ceiling.burst(kind, size, fmt, jobs)
+        spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+        spy.wait(60)
+        stacks = [line.rpartition(" ") for line in raw.read_text().splitlines() if line.strip()]
+    by_library: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    for stack, _, count in stacks:
+        frames = stack.split(";")
+        library = next(
+            (name for frame in reversed(frames) for name, parts in LIBRARIES.items() if any(p in frame for p in parts)),
+            "other",
+        )
+        by_library[library] = by_library.get(library, 0) + int(count)
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(count)
+    total = sum(by_library.values())
+    result = {
+        "row": row,
+        "samples": total,
+        "share_by_library": {k: round(v / total, 3) for k, v in sorted(by_library.items(), key=lambda kv: -kv[1])},
+        "hottest_functions": {k: round(v / total, 3) for k, v in sorted(leaves.items(), key=lambda kv: -kv[1])[:15]},
+    }
+    console.log(f"profile of {kind} {size}px {fmt}: {result['share_by_library']}")
+    return result
+
+
 def goals(run: dict) -> dict:
     png = run["codecs"].get("1024x1024", {}).get("png_encode_ms")
     refine = next((r for r in run["rows"] if (r["kind"], r["size"], r["format"]) == ("refine", 1024, "png")), None)
@@ -249,6 +305,9 @@ def main() -> None:
         action="store_true",
         help="libgomp's default spin after each parallel region (GOMP_SPINCOUNT=300000), in the "
         "worker and in-process: how workers ran before they set OMP_WAIT_POLICY=PASSIVE",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="sample the worker with py-spy through a refine-only burst"
     )
     args = parser.parse_args()
     # A smoke run never replaces the committed full run that the docs cite.
@@ -296,6 +355,9 @@ def main() -> None:
                 )
             console.rule("one core against two")
             run["scaling"] = scaling(ceiling, scaled, jobs)
+            if args.profile:
+                console.rule("where the worker's CPU goes")
+                run["profile"] = profile(ceiling, *scaled[0], 3 * jobs[scaled[0][1]])
     run["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     run["seconds"] = round(time.time() - started, 1)
     run["goals"] = goals(run)
