@@ -168,11 +168,12 @@ class ObjectStore:
         if bucket not in self.settings.readable_buckets:
             raise InvalidInput(f"bucket {bucket!r} is not readable by this service", field="input_uri")
         try:
-            if max_bytes is not None:
-                size = self.client.head_object(Bucket=bucket, Key=key)["ContentLength"]
-                if size > max_bytes:
-                    raise InvalidImage(f"{size} bytes exceeds the limit of {max_bytes}", field="input")
-            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            response = self.client.get_object(Bucket=bucket, Key=key)
+            # The size is in the reply's headers: an object over the limit is never read.
+            if max_bytes is not None and response["ContentLength"] > max_bytes:
+                response["Body"].close()
+                raise InvalidImage(f"{response['ContentLength']} bytes exceeds the limit of {max_bytes}", field="input")
+            return response["Body"].read()
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in _MISSING:
                 raise InputNotFound(f"no object at {uri}", field="input_uri") from None
