@@ -11,10 +11,15 @@ For generate and refine-only jobs at 64, 512 and 1024 px in each output format i
   jobs/s       a burst of jobs, first submit to last finish;
   cpu_ms/job   the worker process's CPU time (user + system, read from the OS) over the
                burst, per job: the S3 and Redis servers' CPU on the same cores is not in it;
-  stages       per-stage medians of the job records' ``timings_ms`` (wall time).
+  stages       per-stage medians of the job records' ``timings_ms`` (wall time);
+  server cores the S3 and Redis servers' CPU over the burst, in cores: on this machine they
+               share the worker's cores, so they bound what a second core can give it;
 
 then the same burst with the worker's threads pinned to one core and to two (the servers
 stay unpinned, so they share those cores), and the codecs alone, in-process, in CPU time.
+``--profile`` samples the worker with py-spy through one more refine-only burst: its CPU by
+library. ``--spin`` runs all of it with libgomp's default spin instead of the workers'
+OpenMP policy (worker/openmp.py).
 Results go under ``--label`` in benchmarks/results/ceiling.json, beside other labels' runs
 (the "before" run was made with the previous PNG encoder).
 """
@@ -148,6 +153,8 @@ class Ceiling:
         self.stack = stack
         self.client = Client(stack.settings)
         self.worker = psutil.Process(stack.start_worker("worker").pid)
+        # On the same cores: what they take is not the worker's, but the worker cannot have it.
+        self.servers = {name: psutil.Process(stack.processes[name].pid) for name in ("s3", "redis")}
         self.inputs: dict[int, str] = {}
 
     def input_uri(self, size: int) -> str:
@@ -174,10 +181,10 @@ class Ceiling:
         for seed in range(2):  # warm: this size's texture, the codec, connections
             record = self.submit(kind, size, fmt, seed).wait(120)
             assert record.state == "succeeded", record.error
-        before = self.worker.cpu_times()
+        before, servers_before = self.worker.cpu_times(), {n: p.cpu_times() for n, p in self.servers.items()}
         handles = [self.submit(kind, size, fmt, seed) for seed in range(jobs)]
         records: list[JobRecord] = [handle.wait(600) for handle in handles]
-        after = self.worker.cpu_times()
+        after, servers_after = self.worker.cpu_times(), {n: p.cpu_times() for n, p in self.servers.items()}
         assert all(r.state == "succeeded" for r in records), [r.error for r in records if r.error]
         span = (max(r.finished_at for r in records) - min(r.created_at for r in records)).total_seconds()
         cpu_s = (after.user - before.user) + (after.system - before.system)
@@ -192,6 +199,10 @@ class Ceiling:
             # What one core of this worker could sustain if nothing else needed it.
             "cpu_limited_jobs_per_s": round(jobs / cpu_s, 2),
             "cores_used": round(cpu_s / span, 2),
+            "server_cores_used": {
+                name: round((sum(servers_after[name][:2]) - sum(servers_before[name][:2])) / span, 2)
+                for name in self.servers
+            },
             "batch_sizes": sorted({r.batch_size for r in records}),
             "stage_ms_p50": {s: round(statistics.median(r.timings_ms.get(s, 0) for r in records), 2) for s in stages},
         }
