@@ -24,6 +24,7 @@ import torch
 from refiner.building import BUILDING
 from refiner.metrics import high_frequency_energy
 from refiner.networks import RefinerUNet, count_parameters
+from refiner.pixels import to_8bit
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -48,10 +49,11 @@ class Refiner:
         """Refine `(B, 3, H, W)` images in [0, 1]; returns them clamped to [0, 1], same shape.
 
         The images may live on any device and dtype: they run on the network's, and come
-        back on their own.
+        back on their own. uint8 images are 8-bit levels (/ 255) and come back rounded to
+        levels, as `to_pil` rounds: the conversions happen where the network is.
         """
         _, refined = self._run(images)
-        return refined.to(device=images.device, dtype=images.dtype)
+        return _like(refined, images)
 
     @torch.inference_mode()
     def refine_and_score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,12 +64,22 @@ class Refiner:
         # An input with no detail at all (a flat image) has no ratio to speak of: 1.
         before, after = high_frequency_energy(x), high_frequency_energy(refined)
         ratio = torch.where(before > 0, after / before.clamp(min=torch.finfo(torch.float32).tiny), 1.0)
-        return refined.to(device=images.device, dtype=images.dtype), ratio.to(images.device)
+        return _like(refined, images), ratio.to(images.device)
 
     def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The input and its refinement, both on the network's device and in its dtype."""
-        x = images.to(device=self.network.device, dtype=self.network.dtype)
+        x = images.to(self.network.device)
+        if x.dtype == torch.uint8:  # scaled in float32, as to_tensor does, whatever the network's dtype
+            x = x.float().div_(255)
+        x = x.to(self.network.dtype)
         return x, self.network(x).clamp_(0.0, 1.0)
+
+
+def _like(refined: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """``refined`` on the device and in the dtype of the ``images`` it came from."""
+    if images.dtype == torch.uint8:
+        refined = to_8bit(refined.float())
+    return refined.to(device=images.device, dtype=images.dtype)
 
 
 class NoopRefiner(Refiner):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from refiner import Refiner, RefinerUNet, load_refiner
+from refiner.pixels import to_8bit, to_pil, to_tensor
 
 
 def _perturb_last_layer(network: RefinerUNet, seed: int = 0) -> None:
@@ -107,6 +108,23 @@ def test_call_clamps_and_keeps_input_dtype(images: torch.Tensor) -> None:
     assert out.dtype == torch.float64 and out.shape == images.shape
     assert torch.equal(out, torch.ones_like(out))
     assert network(images).max() > 1  # the network itself does not clamp
+
+
+def test_8bit_images_refine_to_the_levels_the_float_path_encodes(images: torch.Tensor) -> None:
+    """The worker's refine-only inputs stay uint8 until the refiner's device: the same bytes
+    come out as from floats refined, then rounded by to_pil, and the same detail ratios."""
+    network = RefinerUNet().eval()
+    _perturb_last_layer(network)
+    refiner = Refiner(network=network, version="test")
+    levels = to_8bit(images)
+
+    refined, ratios = refiner.refine_and_score(levels)
+    float_refined, float_ratios = refiner.refine_and_score(torch.stack([to_tensor(to_pil(i)) for i in levels]))
+    assert refined.dtype == torch.uint8 and refined.shape == levels.shape
+    assert torch.equal(refined, to_8bit(float_refined))
+    assert not torch.equal(refined, levels)  # the refiner did change them
+    assert torch.equal(ratios, float_ratios)
+    assert torch.equal(refiner(levels), refined)
 
 
 def test_gradients_flow_through_training_step() -> None:

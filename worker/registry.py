@@ -85,10 +85,11 @@ class ModelRegistry:
         return refiners
 
     def refine(self, images: torch.Tensor, version: str, drawn: list[bool]) -> tuple[torch.Tensor, list[Quality]]:
-        """(B, 3, H, W) in [0, 1] through refiner ``version`` (``refiners.choose`` gave it) ->
-        refined, and each image's judged detail ratio, which ``drawn`` images (those whose
-        job did not pin the version) add to the version's tally. One call (or one per image
-        when batch-invariant, since convolution algorithms are chosen by batch size).
+        """(B, 3, H, W) in [0, 1], or uint8 levels, through refiner ``version``
+        (``refiners.choose`` gave it) -> refined, in the images' dtype, and each image's judged
+        detail ratio, which ``drawn`` images (those whose job did not pin the version) add to
+        the version's tally. One call (or one per image when batch-invariant, since
+        convolution algorithms are chosen by batch size).
         Handlers reach the refiners only through here."""
         refiner = self.refiners.get(version)
         if self.batch_invariant and len(images) > 1:  # one image is one call already: no copy

@@ -84,8 +84,8 @@ class JobHandler(ABC, Generic[SpecT]):
 
 @dataclass(frozen=True)
 class ModelOutput:
-    raw: torch.Tensor  # (3, H, W) in [0, 1]: the generated or input image
-    refined: torch.Tensor | None  # (3, H, W), None when the job did not ask for refinement
+    raw: torch.Tensor  # (3, H, W) in [0, 1], or uint8 levels (to_pil takes both): the generated or input image
+    refined: torch.Tensor | None  # (3, H, W), as ``raw``; None when the job did not ask for refinement
     refiner: str | None  # the refiner version that made ``refined``
     quality: Quality | None  # ``refined``'s judged detail ratio
     timings_ms: dict[str, float]  # of the whole batch

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from refiner.pixels import to_tensor
+from refiner.pixels import to_pixels
 from shared.contract import JobRecord, RefineSpec
 from shared.images import ALGORITHMICALLY_ENHANCED, Provenance, decode_image
 from worker.handlers.base import BatchKey, JobHandler, ModelOutput, Published, publish_image
@@ -22,7 +22,7 @@ class RefineKey(BatchKey):
 
 @dataclass(frozen=True)
 class RefineItem:
-    image: torch.Tensor  # (3, H, W)
+    image: torch.Tensor  # (3, H, W) uint8
     drawn: bool  # the job drew its version (not pinned): its mark counts for the canary
 
 
@@ -35,7 +35,9 @@ class RefineJob(JobHandler[RefineSpec]):
         limits = {"max_bytes": self.settings.max_input_bytes}
         with timer("load_input"):
             data = self.storage.get(spec.input_uri, **limits)
-            image = to_tensor(decode_image(data, max_pixels=self.settings.max_input_pixels, **limits))  # (3, H, W)
+            # 8-bit levels as decoded: the refiner converts them on its device (a quarter of the
+            # bytes to move there), and the free model hands them straight to the encoder.
+            image = to_pixels(decode_image(data, max_pixels=self.settings.max_input_pixels, **limits))
         return RefineKey(image.shape[-1], image.shape[-2], version), RefineItem(image, spec.refiner_version is None)
 
     def run_batch(self, key: RefineKey, items: list[RefineItem]) -> list[ModelOutput]:
