@@ -248,9 +248,22 @@ class RecordStore:
         pending = self.redis.zrangebyscore(keys.CALLBACKS_PENDING, "-inf", moment)
         return [_text(task_id) for task_id in cast(list[bytes], pending)]
 
+    def callback_pending(self, task_id: str) -> bool:
+        """Whether a callback was sent and not settled since: its message is one to deliver."""
+        return self.redis.zscore(keys.CALLBACKS_PENDING, task_id) is not None
+
     def callback_settled(self, task_id: str) -> None:
-        """A callback was delivered or given up on: no sweep sends it again."""
-        self.redis.zrem(keys.CALLBACKS_PENDING, task_id)
+        """A callback was delivered or given up on: no sweep sends it again, and a message of
+        it that comes back sends nothing (``callback_pending``). Waits for the replicas, as the
+        transaction that sent it did: the message is acknowledged next, and a failover in
+        between must not bring the callback back to pending with its message restored."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(keys.CALLBACKS_PENDING, task_id)
+            if self.replicas:
+                pipe.execute_command("WAIT", self.replicas, self.wait_ms)
+            removed, *_ = pipe.execute(raise_on_error=False)  # a WAIT refused confirms nothing, as in replicate
+        if isinstance(removed, Exception):
+            raise removed
 
     def cancel(self, job_id: str, notify: Notify | None = None) -> tuple[JobRecord, bool]:
         """Cancel a job that has not finished; returns the record and whether this call

@@ -18,7 +18,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from devstack.stack import wait_until
 from shared import keys
-from shared.broker import job_push
+from shared.broker import callback_push, job_push
 from shared.contract import CallbackStatus, GenerateSpec, JobRecord, JobState, utcnow
 from shared.errors import CallbackRefused, InputNotFound, InvalidInput
 from shared.images import TRAINED_ALGORITHMIC_MEDIA, read_provenance
@@ -170,6 +170,22 @@ def test_signed_callback_on_terminal_state(client, receiver):
     wait_until(lambda: client.status(record.job_id).callback is not None, timeout_s=10, what="callback status")
     delivered = client.status(record.job_id)
     assert delivered.callback.delivered and delivered.callback.last_status == 204 and delivered.callback.attempts == 1
+
+
+def test_a_callback_message_restored_after_its_delivery_sends_nothing(stack, client, receiver):
+    """benchmarks/soak.py's duplicates (3 of 100,000, each after a failover): the primary died
+    between a delivery and kombu's ack, so kombu restored the message and a worker delivered
+    it again. A delivered callback is settled (no longer pending): its message sends nothing."""
+    job = client.submit_generate("portrait", seed=10, width=SIZE, height=SIZE, callback_url=receiver.url)
+    assert job.wait(60).state is JobState.succeeded
+    receiver.next(timeout=60)
+    stack.wait_callbacks_settled()
+    restored = callback_push(client.celery, job.job_id, "succeeded", client.settings)
+    client.store.redis.lpush(restored.list, restored.message)  # as kombu restores an unacked message
+
+    said = f"job {job.job_id}: its succeeded callback was settled already; not sent again"
+    wait_until(lambda: said in (stack.logs / "callbacks.log").read_text(), timeout_s=30, what="the restored message")
+    assert [json.loads(body)["data"]["job_id"] for body in receiver.requests] == [job.job_id]
 
 
 def test_a_finished_record_leaves_redis_and_is_still_found_in_the_bucket(stack, client, receiver):

@@ -74,6 +74,12 @@ def make_app(
     def deliver_callback(task: Task, job_id: str, event: str) -> None:
         from worker.notify import deliver_job_callback
 
+        task_id = keys.callback_task_id(job_id, event)
+        if not store.callback_pending(task_id):
+            # Delivered or given up already: a message kombu restored because its ack was
+            # lost (a failover between the delivery and the ack; 3 of 100,000 in the soak).
+            logger.info("job %s: its %s callback was settled already; not sent again", job_id, event)
+            return
         retrying = False
         try:
             deliver_job_callback(settings, records, job_id, event)
@@ -89,7 +95,7 @@ def make_app(
             raise task.retry(countdown=countdown, exc=exc) from None
         finally:
             if not retrying:
-                store.callback_settled(keys.callback_task_id(job_id, event))
+                store.callback_settled(task_id)
 
     consumers: list[Consumer] = []
     stopped = threading.Event()
