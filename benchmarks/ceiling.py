@@ -18,33 +18,22 @@ For generate and refine-only jobs at 64, 512 and 1024 px in each output format i
 then the same burst with the worker's threads pinned to one core and to two (the servers
 stay unpinned, so they share those cores), and the codecs alone, in-process, in CPU time.
 ``--profile`` samples the worker with py-spy through one more refine-only burst: its CPU by
-library. ``--spin`` runs all of it with libgomp's default spin instead of the workers'
-OpenMP policy (worker/openmp.py).
+library.
 Results go under ``--label`` in benchmarks/results/ceiling.json, beside other labels' runs
 (the "before" run was made with the previous PNG encoder).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-from worker.openmp import idle_threads_sleep
-
-# Before torch loads libgomp, which reads its settings then; the worker inherits them. The
-# in-process figures stand for the worker's own work, so they run as the worker does;
-# --spin gives both libgomp's default spin instead.
-if "--spin" in sys.argv:
-    os.environ["GOMP_SPINCOUNT"] = "300000"
-idle_threads_sleep()
-
 import argparse
 import io
 import json
+import os
 import platform
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -312,12 +301,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=f"default: {RESULTS}, or {QUICK_RESULTS} with --quick")
     parser.add_argument("--note", default="", help="what this run measured, e.g. which encoder")
     parser.add_argument(
-        "--spin",
-        action="store_true",
-        help="libgomp's default spin after each parallel region (GOMP_SPINCOUNT=300000), in the "
-        "worker and in-process: how workers ran before they set OMP_WAIT_POLICY=PASSIVE",
-    )
-    parser.add_argument(
         "--profile", action="store_true", help="sample the worker with py-spy through a refine-only burst"
     )
     args = parser.parse_args()
@@ -339,7 +322,6 @@ def main() -> None:
             "sizes": sizes,
             "jobs": jobs,
             "torch": torch.__version__,
-            "openmp": {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
         },
         "machine": {
             "cpus": os.cpu_count(),

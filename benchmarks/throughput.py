@@ -19,11 +19,6 @@ Writes benchmarks/results/throughput.json (a --quick run: build/benchmarks/throu
 
 from __future__ import annotations
 
-from worker.openmp import idle_threads_sleep
-
-# Before torch loads libgomp: the direct half runs the model as the worker does.
-idle_threads_sleep()
-
 import argparse
 import json
 import os

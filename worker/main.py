@@ -18,7 +18,6 @@ from shared.broker import callback_push
 from shared.errors import InvalidInput
 from shared.routing import kinds_served, model_queues
 from shared.settings import Settings
-from worker.openmp import idle_threads_sleep
 
 if TYPE_CHECKING:
     from worker.lifecycle import JobRunner
@@ -43,7 +42,6 @@ def run_worker(
     unknown = set(queues) - {*model_queues(settings), settings.queue_callbacks}
     if unknown:
         raise InvalidInput(f"unknown queue(s) {sorted(unknown)}", field="queues")
-    idle_threads_sleep()  # before torch loads
     # Expanded here (%h -> this host), so job records name the worker as Celery does.
     hostname = host_format(name or f"{'+'.join(queues)}-{os.getpid()}@%h")
 
