@@ -9,7 +9,7 @@ guidance 3.5) are built into a fresh model cache and loaded from it as a worker 
 (`refinery pairs generate` uses prompt stream 0 and image seeds 0, 1, ...): prompt stream 1,
 image seeds from 1,000,000. Images are rounded to 8 bits, as they are served. Two disjoint
 halves A and B of `--pairs` pairs each:
-  detail   the student's high-frequency energy over the teacher's (`refiner.metrics.
+  detail   the student's high-frequency energy over the teacher's (`refiner.spectrum.
            spectral_scores`: energy above 0.25 cycles/px), mean over all pairs of both halves;
   related  the Pearson correlation of each student's pixels with its teacher's (mean, min);
   FID      on the project's extractor (`build_extractor(None)`: the fixed-seed random conv
@@ -36,8 +36,9 @@ from diffusers import FluxPipeline
 
 from producer.prompts import build_prompts
 from refiner.extractors import build_extractor
-from refiner.metrics import HF_CUTOFF, fid_kid, quantize, spectral_scores
+from refiner.metrics import fid_kid, quantize
 from refiner.report import sample_grid
+from refiner.spectrum import HF_CUTOFF, spectral_scores
 from shared.presets import get_preset
 from worker import tiny_flux
 from worker.models import generate, load_pipeline

@@ -25,9 +25,9 @@ from rich.table import Table
 
 from devstack.stack import LocalStack
 from producer.client import Client, JobHandle
-from refiner.metrics import high_frequency_energy
 from refiner.pixels import to_tensor
 from refiner.report import sample_grid
+from refiner.spectrum import high_frequency_energy
 from shared.contract import JobRecord
 from shared.routing import model_queues
 

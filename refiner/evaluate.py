@@ -4,7 +4,7 @@
                   [--bootstrap 100]
 
 One pass over the split's pairs refines each student image and scores student, refined and
-the affine colour-correction baseline against the teacher (`refiner.metrics`); FID and KID
+the affine colour-correction baseline against the teacher (`refiner.metrics`, `refiner.spectrum`); FID and KID
 get 95% intervals from bootstrap resamples of the pairs, recomputed from the features the
 extractor gave once. Then it writes
 
@@ -37,17 +37,15 @@ from refiner.data import PairDataset, batched_pairs
 from refiner.export import CARD_NAME, Refiner, load_refiner, read_card, record_evaluation
 from refiner.extractors import build_extractor
 from refiner.metrics import (
-    FREQUENCIES,
-    HF_CUTOFF,
     bootstrap_fid_kid,
     fid_gap,
     fid_kid,
     paired_scores,
     percentile_interval,
     quantize,
-    spectral_scores,
 )
 from refiner.report import fmt, fmt_interval, plot_spectra, sample_grid, write_report
+from refiner.spectrum import FREQUENCIES, HF_CUTOFF, spectral_scores
 from shared.datasets import ManifestRow
 
 logger = logging.getLogger(__name__)

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from refiner.building import BUILDING
-from refiner.metrics import high_frequency_energy
 from refiner.networks import RefinerUNet, count_parameters
 from refiner.pixels import to_8bit
+from refiner.spectrum import high_frequency_energy
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
