@@ -23,7 +23,7 @@ from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 # The bucket lifecycle rule this service owns; other rules in the bucket are left alone.
 RETENTION_RULE_ID = "refinery-jobs-retention"
 T = TypeVar("T")
@@ -69,7 +69,7 @@ class ObjectStore:
         is the one the job's record describes."""
         bucket, key = parse_s3_uri(uri)
         if not once:
-            self._retrying(
+            self.retrying(
                 f"upload of {uri}",
                 lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type),
             )
@@ -83,17 +83,17 @@ class ObjectStore:
             )
 
         try:
-            self._retrying(f"upload of {uri}", lambda: upload(IfNoneMatch="*"), final={"PreconditionFailed"})
+            self.retrying(f"upload of {uri}", lambda: upload(IfNoneMatch="*"), final={"PreconditionFailed"})
         except ClientError:  # PreconditionFailed: an earlier attempt stored it
-            stored = self._retrying(f"read of {uri}", lambda: self.client.head_object(Bucket=bucket, Key=key))
+            stored = self.retrying(f"read of {uri}", lambda: self.client.head_object(Bucket=bucket, Key=key))
             if stored.get("Metadata", {}).get("sha256") == digest:
                 logger.info("%s: an earlier attempt of this job stored the same bytes; kept", uri)
                 return uri
             logger.warning("%s: an earlier attempt of this job stored other bytes; replaced", uri)
-            self._retrying(f"upload of {uri}", upload)
+            self.retrying(f"upload of {uri}", upload)
         return uri
 
-    def _retrying(self, what: str, call: Callable[[], T], *, final: Collection[str] = ()) -> T:
+    def retrying(self, what: str, call: Callable[[], T], *, final: Collection[str] = ()) -> T:
         """``call()``, retried with backoff through an outage of up to ``s3_retry_budget_s``;
         then StorageUnavailable. An error whose code is in ``final`` is an answer: raised as is."""
         deadline = time.monotonic() + self.settings.s3_retry_budget_s
@@ -175,7 +175,7 @@ class ObjectStore:
                 raise InvalidImage(f"{response['ContentLength']} bytes exceeds the limit of {max_bytes}", field="input")
             return response["Body"].read()
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in _MISSING:
+            if exc.response.get("Error", {}).get("Code") in MISSING:
                 raise InputNotFound(f"no object at {uri}", field="input_uri") from None
             raise StorageUnavailable(f"download of {uri} failed: {exc}") from exc
         except BotoCoreError as exc:

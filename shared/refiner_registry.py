@@ -25,12 +25,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
 from shared.contract import REFINER_NAME, REFINER_VERSION, utcnow
-from shared.errors import InvalidInput, RefinerConflict, RefinerUnavailable, StorageUnavailable, UnknownRefiner
-from shared.objects import ObjectStore
+from shared.errors import InvalidInput, RefinerConflict, RefinerUnavailable, UnknownRefiner
+from shared.objects import MISSING, ObjectStore
 
 # The files of an exported refiner, as ``refiner.export`` names them (it imports torch, so
 # its constants cannot be imported here; a test keeps the two in step).
@@ -171,16 +171,15 @@ class RefinerRegistry:
     def versions(self, name: str | None = None) -> list[Published]:
         """Every published version (of ``name``), oldest first."""
         prefix = f"{self.root}/{check_name(name)}/" if name else f"{self.root}/"
-        found = []
-        try:
-            for page in self.objects.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix
-            ):
-                for entry in page.get("Contents", []):
-                    if entry["Key"].endswith(f"/{MANIFEST_NAME}"):
-                        found.append(Published.model_validate_json(self._read(entry["Key"])))
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(f"listing s3://{self.bucket}/{prefix} failed: {exc}") from exc
+
+        def manifests() -> list[str]:
+            pages = self.objects.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            return [
+                e["Key"] for page in pages for e in page.get("Contents", []) if e["Key"].endswith(f"/{MANIFEST_NAME}")
+            ]
+
+        keys = self.objects.retrying(f"listing of s3://{self.bucket}/{prefix}", manifests)
+        found = [Published.model_validate_json(self._read(key)) for key in keys]
         return sorted(found, key=lambda published: published.published_at)
 
     def download(self, name: str, version: str, into: Path) -> Path:
@@ -236,14 +235,16 @@ class RefinerRegistry:
             return None
 
     def _read(self, key: str) -> bytes:
-        try:
+        """An object's bytes, retried through an S3 outage as uploads are: a worker that gave
+        up on a version at the first error would serve its revision without it."""
+
+        def read() -> bytes:
             return self.objects.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                raise UnknownRefiner(f"no s3://{self.bucket}/{key}", field="refiner_version") from None
-            raise StorageUnavailable(f"download of s3://{self.bucket}/{key} failed: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StorageUnavailable(f"download of s3://{self.bucket}/{key} failed: {exc}") from exc
+
+        try:
+            return self.objects.retrying(f"download of s3://{self.bucket}/{key}", read, final=MISSING)
+        except ClientError:  # one of MISSING: an answer, not an outage
+            raise UnknownRefiner(f"no s3://{self.bucket}/{key}", field="refiner_version") from None
 
     def _put(self, key: str, data: bytes) -> None:
         self.objects.put(f"s3://{self.bucket}/{key}", data, "application/octet-stream")

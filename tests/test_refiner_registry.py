@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from devstack.s3_proxy import S3Proxy
 from devstack.stack import LocalStack
 from refiner import export
 from shared.canary import CanaryRule, Tally
@@ -120,6 +122,28 @@ def test_workers_sharing_a_cache_download_the_same_version_at_once(registry, tmp
             )
         assert len(loads) == 6 and all(version.endswith(f"@{published.version}") for version in loads)
         assert [p.name for p in (cache / "shared").iterdir()] == [published.version], "no staging left behind"
+
+
+def test_reads_ride_out_a_short_s3_outage(registry, services, tmp_path, caplog):
+    """A worker following the channels downloads each promoted version: an S3 outage shorter
+    than ``s3_retry_budget_s`` delays that read instead of failing it (a failed read left the
+    worker serving its revision without the canary until the next round). One botocore
+    attempt per try, so that only the registry's own retries can carry it through."""
+    published, _ = registry.publish(copy_refiner(tmp_path), "blip", require_eval=False)
+    proxy = S3Proxy()
+    proxy.upstream_port = services.s3_port
+    endpoint = {"s3_endpoint_url": f"http://127.0.0.1:{proxy.port}", "s3_max_attempts": 1}
+    through_proxy = RefinerRegistry(ObjectStore(services.settings.model_copy(update=endpoint)))
+    outage = threading.Thread(target=proxy.outage, args=(2.0,))
+    try:
+        outage.start()
+        assert proxy.down.wait(10)
+        local = through_proxy.download("blip", published.version, tmp_path / "cache")
+    finally:
+        outage.join()
+        proxy.close()
+    assert (local / WEIGHTS_NAME).read_bytes() == (DEMO_REFINER / WEIGHTS_NAME).read_bytes()
+    assert any("failed" in r.getMessage() and "retrying" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(
