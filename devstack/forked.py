@@ -1,0 +1,76 @@
+"""`refinery worker` processes forked from one that imported their modules once.
+
+A worker spends about 5 s of CPU importing torch, diffusers and transformers before it
+serves, and the test suite starts about a hundred. The stack starts them from
+multiprocessing's fork server instead, which imports those modules once per process that
+uses the stack. Each worker is still a process of its own, running `refinery worker`'s main
+with its own environment, working directory, log and signal handling, as a spawned one
+would; only the imports are done before the fork.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+# What `refinery worker` imports before it serves (worker.models and worker.tiny_flux
+# bring diffusers, transformers and torch); nothing here reads settings at import.
+PRELOAD = ["cli", "worker.app", "worker.lifecycle", "worker.models", "worker.tiny_flux", "refiner"]
+
+_context = multiprocessing.get_context("forkserver")
+_context.set_forkserver_preload(PRELOAD)
+
+
+def _run_refinery(args: list[str], env: dict[str, str], cwd: str, log: str) -> None:
+    """The forked process's main: what `python -m cli ARGS` does, with stdout and stderr
+    appended to ``log`` unbuffered (as PYTHONUNBUFFERED=1 makes a spawned one)."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(write_through=True)  # type: ignore[union-attr]
+    sys.stderr.reconfigure(write_through=True)  # type: ignore[union-attr]
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = ["refinery", *args]
+    from cli import main
+
+    main()
+
+
+class ForkedProcess:
+    """A `refinery` command run in a forked process, with the part of `subprocess.Popen`'s
+    interface the stack and its tests use (pid, poll, wait, send_signal, kill, returncode)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, log: Path) -> None:
+        self.args = args
+        # Daemonic: a test process that ends without stopping its stack takes these along.
+        self._process = _context.Process(target=_run_refinery, args=(args, env, str(cwd), str(log)), daemon=True)
+        self._process.start()
+        self.pid: int = self._process.pid  # type: ignore[assignment]
+
+    @property
+    def returncode(self) -> int | None:
+        """As Popen's: the exit status, or minus the signal that ended the process."""
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self._process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self._process.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
