@@ -117,10 +117,13 @@ class LocalStack:
         self.processes[name] = process
         return process
 
-    def refinery(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
-        """Run the ``refinery`` command against this stack; its output is captured as text."""
+    def refinery(
+        self, *args: str, timeout_s: float = 300, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run the ``refinery`` command against this stack (``env``: variables of its own);
+        its output is captured as text."""
         argv = [sys.executable, "-m", "cli", *map(str, args)]
-        return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout_s)
+        return subprocess.run(argv, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout_s)
 
     def start_redis(self) -> None:
         argv = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", ""]

@@ -39,6 +39,10 @@ L1_ONLY = ("--gradient-weight", 0, "--perceptual-weight", 0)
 CYCLEGAN_STEPS = 200
 # Training runs a fixed number of steps: a busy machine only takes longer, so the limit is generous.
 TRAIN_TIMEOUT_S = 900
+# The machine's two cores are shared with the other test file: one OpenMP thread trains these
+# small networks steadily, where two spin at every barrier while the other file runs
+# (300 paired steps took 181 s with two threads beside another file, 48 s alone).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +104,12 @@ def test_paired_refiner_beats_the_student_and_a_worker_serves_it(life) -> None:
         0,
         *L1_ONLY,
         timeout_s=TRAIN_TIMEOUT_S,
+        env=ONE_THREAD,
     )
     assert trained.returncode == 0, trained.stderr[-2000:]
-    evaluated = stack.refinery("eval", "--data", data, "--refiner", run / "refiner", "--out", run / "eval")
+    evaluated = stack.refinery(
+        "eval", "--data", data, "--refiner", run / "refiner", "--out", run / "eval", env=ONE_THREAD
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
 
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
@@ -157,6 +164,7 @@ def test_cyclegan_trains_a_few_hundred_steps_without_nans_and_a_worker_serves_it
         "--checkpoint-every",
         0,
         timeout_s=TRAIN_TIMEOUT_S,
+        env=ONE_THREAD,
     )
     assert trained.returncode == 0, trained.stderr[-2000:]
     with (run / "metrics.csv").open() as f:
