@@ -159,9 +159,10 @@ class LocalStack:
     ) -> Process:
         """Start ``refinery worker`` (``env``: settings of its own, e.g. ``REFINERY_REFINER``)
         and return once it announced itself ready. It is forked from a process that imported
-        the worker's modules once (devstack/forked.py), so it is ready in about a second. Callbacks run as in production, in a
-        worker of their own (``start_worker(name, ["callbacks"])``), unless ``callbacks``
-        starts one beside this worker, as a lone ``refinery worker`` does."""
+        the worker's modules once (devstack/forked.py), so it is ready in about a second.
+        Callbacks run as in production, in a worker of their own (``start_worker(name,
+        ["callbacks"])``), unless ``callbacks`` starts one beside this worker, as a lone
+        ``refinery worker`` does."""
         queues = queues or default_queues(self.settings)
         hostname = f"{name}@localstack"
         args = ["worker", f"--queues={','.join(queues)}", f"--name={hostname}"]

@@ -4,9 +4,9 @@
                   [--bootstrap 100]
 
 One pass over the split's pairs refines each student image and scores student, refined and
-the affine colour-correction baseline against the teacher (`refiner.metrics`, `refiner.spectrum`); FID and KID
-get 95% intervals from bootstrap resamples of the pairs, recomputed from the features the
-extractor gave once. Then it writes
+the affine colour-correction baseline against the teacher (`refiner.metrics`,
+`refiner.spectrum`); FID and KID get 95% intervals from bootstrap resamples of the pairs,
+recomputed from the features the extractor gave once. Then it writes
 
     out/metrics.json   the numbers, for tools (keys listed in `evaluate`)
     out/report.md      the numbers with their definitions, for people (`refiner.report`)
