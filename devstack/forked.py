@@ -15,7 +15,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+
+from tqdm import tqdm
 
 # What `refinery worker` imports before it serves (worker.models and worker.tiny_flux
 # bring diffusers, transformers and torch); nothing here reads settings at import.
@@ -38,6 +41,10 @@ def _run_refinery(args: list[str], env: dict[str, str], cwd: str, log: str) -> N
     os.environ.clear()
     os.environ.update(env)
     sys.argv = ["refinery", *args]
+    # tqdm's default lock (diffusers' progress bars take it) is a multiprocessing one, which
+    # this process would register with the parent's resource tracker and never release:
+    # the parent would warn of a leaked semaphore when it exits.
+    tqdm.set_lock(threading.RLock())
     from cli import main
 
     main()
