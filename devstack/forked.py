@@ -1,11 +1,12 @@
-"""`refinery worker` processes forked from one that imported their modules once.
+"""`refinery` processes forked from one that imported their modules once.
 
 A worker spends about 5 s of CPU importing torch, diffusers and transformers before it
-serves, and the test suite starts about a hundred. The stack starts them from
-multiprocessing's fork server instead, which imports those modules once per process that
-uses the stack. Each worker is still a process of its own, running `refinery worker`'s main
-with its own environment, working directory, log and signal handling, as a spawned one
-would; only the imports are done before the fork.
+serves, and the test suite starts about a hundred; a `refinery` command that any test runs
+spends 0.5 s (4 s for `train` and `eval`), and the tests run about sixty. The stack starts
+both from multiprocessing's fork server instead, which imports those modules once per
+process that uses the stack. Each is still a process of its own, running `refinery`'s main
+with its own arguments, environment, working directory, output and signal handling, as a
+spawned one would; only the imports are done before the fork.
 """
 
 from __future__ import annotations
@@ -28,18 +29,23 @@ _context = multiprocessing.get_context("forkserver")
 _context.set_forkserver_preload(PRELOAD)
 
 
-def _run_refinery(args: list[str], env: dict[str, str], cwd: str, log: str) -> None:
-    """The forked process's main: what `python -m cli ARGS` does, with stdout and stderr
-    appended to ``log`` unbuffered (as PYTHONUNBUFFERED=1 makes a spawned one)."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+def _run_refinery(args: list[str], env: dict[str, str], cwd: str, log: str, errors: str) -> None:
+    """The forked process's main: what `python -m cli ARGS` does, with stdout appended to
+    ``log`` and stderr to ``errors`` unbuffered (as PYTHONUNBUFFERED=1 makes a spawned one)."""
+    for path, stream in ((log, 1), (errors, 2)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(fd, stream)
+        os.close(fd)
     sys.stdout.reconfigure(write_through=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(write_through=True)  # type: ignore[union-attr]
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    # torch read OMP_NUM_THREADS when the fork server imported it; a spawned process reads its own.
+    if "OMP_NUM_THREADS" in env:
+        import torch  # preloaded: only looked up
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     sys.argv = ["refinery", *args]
     # tqdm's default lock (diffusers' progress bars take it) is a multiprocessing one, which
     # this process would register with the parent's resource tracker and never release:
@@ -54,10 +60,13 @@ class ForkedProcess:
     """A `refinery` command run in a forked process, with the part of `subprocess.Popen`'s
     interface the stack and its tests use (pid, poll, wait, send_signal, kill, returncode)."""
 
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, log: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, log: Path, errors: Path | None = None) -> None:
+        """Runs `refinery ARGS`, its stdout appended to ``log``, its stderr to ``errors``
+        (default: ``log`` too)."""
         self.args = args
+        streams = (str(log), str(errors or log))
         # Daemonic: a test process that ends without stopping its stack takes these along.
-        self._process = _context.Process(target=_run_refinery, args=(args, env, str(cwd), str(log)), daemon=True)
+        self._process = _context.Process(target=_run_refinery, args=(args, env, str(cwd), *streams), daemon=True)
         self._process.start()
         self.pid: int = self._process.pid  # type: ignore[assignment]
 

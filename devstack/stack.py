@@ -7,6 +7,7 @@ services.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -94,6 +95,7 @@ class LocalStack:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.env.update({f"REFINERY_{name.upper()}": _env_value(value) for name, value in fields.items()})
         self.processes: dict[str, Process] = {}
+        self._commands = itertools.count()
 
     def __enter__(self) -> LocalStack:
         try:
@@ -120,10 +122,19 @@ class LocalStack:
     def refinery(
         self, *args: str, timeout_s: float = 300, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess:
-        """Run the ``refinery`` command against this stack (``env``: variables of its own);
-        its output is captured as text."""
-        argv = [sys.executable, "-m", "cli", *map(str, args)]
-        return subprocess.run(argv, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout_s)
+        """Run the ``refinery`` command against this stack (``env``: variables of its own), as
+        `subprocess.run` would with its output captured as text; forked as the workers are.
+        Its stdout and stderr stay under logs/ as ``refinery-N.out`` and ``refinery-N.err``."""
+        argv = list(map(str, args))
+        out, err = (self.logs / f"refinery-{next(self._commands)}.{name}" for name in ("out", "err"))
+        process = ForkedProcess(argv, {**self.env, **(env or {})}, self.workdir, out, err)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        return subprocess.CompletedProcess(argv, process.wait(), out.read_text(), err.read_text())
 
     def start_redis(self) -> None:
         argv = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", ""]
