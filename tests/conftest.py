@@ -46,15 +46,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)  # stable: within a file, and among the rest, the order is kept
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """For modules of small CPU networks: the machine's two cores are shared, and two
-    OpenMP threads competing with other processes can spin for seconds at each barrier;
-    one thread runs tiny networks steadily."""
-    threads = torch.get_num_threads()
+def pytest_configure(config: pytest.Config) -> None:
+    # The test processes' own torch work is small networks (training steps, metrics, test
+    # doubles), and two test files share the machine's two cores: two OpenMP threads there
+    # spin at every barrier while the other file runs (a double's 150 training steps: 5 s
+    # of CPU on one thread, 8-9 s on two alone, more beside another file). Worker processes
+    # keep torch's default.
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -34,9 +34,6 @@ ATTRIBUTES = {
 SHIFT_A, SHIFT_B = np.array([0.6, 0.8, 0.5]), np.array([0.3, 0.05, 0.4])
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 def teacher_image(rng: np.random.Generator) -> np.ndarray:
     """A smooth colour field (8x8 noise, upsampled) plus pixel-level texture, (H, W, 3) in [0, 1]."""
     coarse = Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((SIZE, SIZE), Image.BICUBIC)

@@ -22,8 +22,6 @@ from refiner.metrics import fid_kid, frechet_distance
 
 D, N = 12, 10_000
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 def sqrt_psd(matrix: np.ndarray) -> np.ndarray:
     eigenvalues, vectors = np.linalg.eigh(matrix)

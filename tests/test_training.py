@@ -55,9 +55,6 @@ PAIRS = 48
 SMALL = {"base_channels": 8, "channel_mults": (1, 2), "disc_channels": 8}
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture(scope="module")
 def pairs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from producer.prompts import build_prompts
