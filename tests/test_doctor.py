@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -41,8 +39,7 @@ def broker(stack: LocalStack) -> redis.Redis:
 
 def doctor(stack: LocalStack, *args: str, **env: str) -> tuple[int, dict[str, tuple[str, str]]]:
     """Exit status, and check name -> (status, detail); ``env``: settings for this run."""
-    argv = [sys.executable, "-m", "cli", "doctor", "--json", *args]
-    run = subprocess.run(argv, env={**stack.env, **env}, capture_output=True, text=True, timeout=120)
+    run = stack.refinery("doctor", "--json", *args, timeout_s=120, env=env)
     assert "Traceback" not in run.stderr, run.stderr
     report = json.loads(run.stdout)
     checks = {check["name"]: (check["status"], check["detail"]) for check in report["checks"]}
