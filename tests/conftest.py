@@ -16,25 +16,24 @@ import torch
 from devstack.stack import LocalStack
 from producer.client import Client
 
-# The files that take longest (seconds in one process, the suite's 2-core run at 2c14765;
-# docs/benchmarks.md, "The test suite's time"), first: `scripts/dev.sh test` runs two files
-# at a time, and a long file started last keeps one process busy while the other has nothing
-# left. The rest keep their order.
+# The files that take longest (seconds in one process, the suite's 2-core run from a fresh
+# clone at 01c9fea; docs/benchmarks.md, "The test suite's time"), first: `scripts/dev.sh test`
+# runs two files at a time, and a long file started last keeps one process busy while the
+# other has nothing left. The rest keep their order.
 LONGEST_FIRST = (
-    "test_refiner_life.py",  # 191
-    "test_faults.py",  # 119
-    "test_refiner_rollout.py",  # 95
-    "test_node.py",  # 63
-    "test_gpu_script.py",  # 45
-    "test_drain.py",  # 43
-    "test_monitoring.py",  # 34
-    "test_training.py",  # 31
-    "test_failover.py",  # 31
-    "test_doctor.py",  # 27
-    "test_gateway_hostile.py",  # 25
-    "test_gateway.py",  # 23
+    "test_faults.py",  # 115
+    "test_refiner_life.py",  # 113
+    "test_node.py",  # 59
+    "test_refiner_rollout.py",  # 52
+    "test_gpu_script.py",  # 44
+    "test_drain.py",  # 38
+    "test_monitoring.py",  # 32
+    "test_failover.py",  # 32
+    "test_training.py",  # 32
+    "test_gateway_hostile.py",  # 23
     "test_ceiling.py",  # 20
-    "test_scheduling.py",  # 17
+    "test_demo.py",  # 15
+    "test_scheduling.py",  # 14
 )
 
 
