@@ -2,10 +2,11 @@
 
 A worker spends about 5 s of CPU importing torch, diffusers and transformers before it
 serves, and a `refinery` command 0.5 s (4 s for `train` and `eval`); the test suite starts
-about a hundred of each. The stack starts both from multiprocessing's fork server instead, which imports those modules once per
-process that uses the stack. Each is still a process of its own, running `refinery`'s main
-with its own arguments, environment, working directory, output and signal handling, as a
-spawned one would; only the imports are done before the fork.
+about a hundred of each. The stack starts both from multiprocessing's fork server instead,
+which imports those modules once per process that uses the stack. Each is still a process
+of its own, running `refinery`'s main with its own arguments, environment, working
+directory, output and signal handling, as a spawned one would; only the imports are done
+before the fork.
 """
 
 from __future__ import annotations

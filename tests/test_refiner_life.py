@@ -42,8 +42,9 @@ CYCLEGAN_STEPS = 200
 # Training runs a fixed number of steps: a busy machine only takes longer, so the limit is generous.
 TRAIN_TIMEOUT_S = 900
 # The machine's two cores are shared with the other test file: one OpenMP thread trains these
-# small networks steadily, where two spin at every barrier while the other file runs
-# (300 paired steps of the default width took 181 s with two threads beside another file, 48 s alone).
+# small networks steadily, where two spin at every barrier while the other file runs (300
+# paired steps of the default width took 181 s with two threads beside another file, 48 s
+# alone).
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
