@@ -129,12 +129,12 @@ class LocalStack:
         out, err = (self.logs / f"refinery-{next(self._commands)}.{name}" for name in ("out", "err"))
         process = ForkedProcess(argv, {**self.env, **(env or {})}, self.workdir, out, err)
         try:
-            process.wait(timeout_s)
+            returncode = process.wait(timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
             raise
-        return subprocess.CompletedProcess(argv, process.wait(), out.read_text(), err.read_text())
+        return subprocess.CompletedProcess(argv, returncode, out.read_text(), err.read_text())
 
     def start_redis(self) -> None:
         argv = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", ""]

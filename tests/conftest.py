@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)  # stable: within a file, and among the rest, the order is kept
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def pytest_configure() -> None:
     # The test processes' own torch work is small networks (training steps, metrics, test
     # doubles), and two test files share the machine's two cores: two OpenMP threads there
     # spin at every barrier while the other file runs (a double's 150 training steps: 5 s
