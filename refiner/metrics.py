@@ -59,27 +59,43 @@ class _Precomputed(nn.Module):
         return features
 
 
-def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict[str, float]:
-    """FID and KID (mean and std over subsets) between `(N, D)` feature sets, by torchmetrics.
-
-    KID's subsets hold `min(1000, N)` features, so small sets work (N >= 2); they are drawn
-    from a fixed seed, without touching the caller's random state, so reruns agree.
-    """
+def _check_sizes(real: torch.Tensor, fake: torch.Tensor) -> None:
     if min(len(real), len(fake)) < 2:
         raise ValueError(f"FID and KID need at least 2 images per set, got {len(real)} and {len(fake)}")
-    real, fake = real.double().cpu(), fake.double().cpu()
-    fid = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID between `(N, D)` feature sets, by torchmetrics (in float64; N >= 2)."""
+    _check_sizes(real, fake)
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
+    metric.update(real.double().cpu(), real=True)
+    metric.update(fake.double().cpu(), real=False)
+    return metric.compute().item()
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """KID's mean and std over subsets (`kid`, `kid_std`) between `(N, D)` feature sets, by
+    torchmetrics. Its subsets hold `min(1000, N)` features, so small sets work (N >= 2); they
+    are drawn from a fixed seed, without touching the caller's random state, so reruns agree.
+    Its 100 subsets are the slow half of `fid_kid`: 3.7 s against FID's 0.01 s on 10,000
+    12-dimensional features (one thread)."""
+    _check_sizes(real, fake)
     with warnings.catch_warnings():  # "KID keeps all features in memory": yes, that is the point
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        kid = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=min(1000, len(real), len(fake)))
-    kid.update(real, real=True)
-    kid.update(fake, real=False)
+        metric = KernelInceptionDistance(
+            feature=_Precomputed(real.shape[1]), subset_size=min(1000, len(real), len(fake))
+        )
+    metric.update(real.double().cpu(), real=True)
+    metric.update(fake.double().cpu(), real=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        kid_mean, kid_std = kid.compute()
-    return {"fid": fid.compute().item(), "kid": kid_mean.item(), "kid_std": kid_std.item()}
+        kid_mean, kid_std = metric.compute()
+    return {"kid": kid_mean.item(), "kid_std": kid_std.item()}
+
+
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """`fid`, `kid` and `kid_std` between `(N, D)` feature sets: what evaluation reports."""
+    return {"fid": fid(real, fake), **kid(real, fake, seed)}
 
 
 def fid_gap(fid_student: float, fid_refined: float) -> tuple[float, float | None]:

@@ -24,6 +24,7 @@ from shared.contract import JobState
 pytestmark = pytest.mark.integration
 
 LONG = 1024  # a batch of a few seconds on this CPU: long enough to be caught on the model
+SMALL = 64  # jobs that only wait behind it, and then run quickly elsewhere
 
 
 def _unfinished(client: Client, job_ids: list[str]) -> list[str]:
@@ -48,13 +49,13 @@ def test_sigterm_finishes_the_batch_on_the_model_and_hands_back_the_rest_at_once
         stack.start_worker("callbacks", [stack.settings.queue_callbacks])
         stack.start_worker("leaving")
         client = Client(stack.settings)
+        # Default max_batch 4 and 8 jobs held: a batch of long jobs on the model, four small
+        # ones waiting behind it (a batch holds one size) and four more still queued.
+        sizes = [LONG // 2] * 4 + [SMALL] * 8
         job_ids = [
-            client.submit_generate(
-                "portrait", seed=s, width=LONG // 2, height=LONG // 2, callback_url=receiver.url
-            ).job_id
-            for s in range(12)
+            client.submit_generate("portrait", seed=s, width=size, height=size, callback_url=receiver.url).job_id
+            for s, size in enumerate(sizes)
         ]
-        # Default max_batch 4 and 8 jobs held: a batch on the model, four waiting behind it.
         wait_until(
             lambda: sum(client.status(j).state is JobState.running for j in job_ids) >= 8,
             timeout_s=60,

@@ -1,7 +1,7 @@
 """FID against its closed form on Gaussians whose means and covariances are known.
 
 For N(mu1, S1) and N(mu2, S2), FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)). The
-project computes FID from sample means and covariances of features (`refiner.metrics.fid_kid`,
+project computes FID from sample means and covariances of features (`refiner.metrics.fid`,
 by torchmetrics; `frechet_distance`, the factorised form the bootstrap repeats), so on
 10,000 samples it must land on the closed form within the estimator's sampling error.
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from refiner.metrics import fid_kid, frechet_distance
+from refiner.metrics import fid, fid_kid, frechet_distance
 
 D, N = 12, 10_000
 
@@ -72,12 +72,12 @@ def test_fid_matches_the_closed_form_on_known_gaussians(full: bool) -> None:
     assert allowed < 0.1 * expected  # the check is sharp, not vacuous
 
     real, fake = sample(rng, mu1, s1, N), sample(rng, mu2, s2, N)
-    fid = fid_kid(real, fake)["fid"]
-    assert fid == pytest.approx(expected, abs=allowed)
+    distance = fid(real, fake)
+    assert distance == pytest.approx(expected, abs=allowed)
     # The bootstrap's factorised FID is the same estimator as torchmetrics', to rounding.
-    assert frechet_distance(real, fake) == pytest.approx(fid, rel=1e-9)
-    # float32 features (what the extractors return) give the same value: fid_kid works in float64.
-    assert fid_kid(real.float(), fake.float())["fid"] == pytest.approx(fid, rel=1e-4)
+    assert frechet_distance(real, fake) == pytest.approx(distance, rel=1e-9)
+    # float32 features (what the extractors return) give the same value: fid works in float64.
+    assert fid(real.float(), fake.float()) == pytest.approx(distance, rel=1e-4)
 
 
 def test_fid_of_a_distribution_against_itself_is_about_zero() -> None:
@@ -86,18 +86,18 @@ def test_fid_of_a_distribution_against_itself_is_about_zero() -> None:
     cov = random_covariance(rng, rng.uniform(0.2, 2.0, D))
     first, second = sample(rng, mu, cov, N), sample(rng, mu, cov, N)
     # The same samples: exactly the same Gaussian, FID 0 up to rounding.
-    assert abs(fid_kid(first, first)["fid"]) < 1e-8
+    assert abs(fid(first, first)) < 1e-8
     assert abs(frechet_distance(first, first)) < 1e-8
     # Two independent samples of one Gaussian: only the estimator's bias is left, about the
     # squared-mean term's Tr(S) (1/n1 + 1/n2) plus a covariance term of the same order.
-    fid = fid_kid(first, second)["fid"]
-    assert 0 <= fid < tolerance(mu, cov, mu, cov, N, N)
+    distance = fid(first, second)
+    assert 0 <= distance < tolerance(mu, cov, mu, cov, N, N)
     # The distance grows with a known shift: moving one set by d adds ||d||^2.
     shift = np.full(D, 0.5)
-    shifted = fid_kid(first, second + torch.from_numpy(shift))["fid"]
-    assert shifted - fid == pytest.approx(np.sum(shift**2), abs=tolerance(mu, cov, mu + shift, cov, N, N))
+    shifted = fid(first, second + torch.from_numpy(shift))
+    assert shifted - distance == pytest.approx(np.sum(shift**2), abs=tolerance(mu, cov, mu + shift, cov, N, N))
 
 
-def test_fid_needs_two_samples_per_set() -> None:
+def test_fid_and_kid_need_two_samples_per_set() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         fid_kid(torch.zeros(1, D), torch.zeros(5, D))

@@ -16,6 +16,7 @@ from celery.utils.nodenames import host_format
 
 from shared.broker import callback_push
 from shared.errors import InvalidInput
+from shared.presets import get_preset
 from shared.routing import kinds_served, model_queues
 from shared.settings import Settings
 
@@ -42,6 +43,8 @@ def run_worker(
     unknown = set(queues) - {*model_queues(settings), settings.queue_callbacks}
     if unknown:
         raise InvalidInput(f"unknown queue(s) {sorted(unknown)}", field="queues")
+    if served:
+        get_preset(settings.model_preset)  # an unknown one fails now, not after 8 s of imports
     # Expanded here (%h -> this host), so job records name the worker as Celery does.
     hostname = host_format(name or f"{'+'.join(queues)}-{os.getpid()}@%h")
 
@@ -97,7 +100,10 @@ def exit_with_parent() -> None:
     shutdown.)"""
 
     def watch() -> None:
-        sys.stdin.buffer.read()
+        # os.read, not sys.stdin: a thread blocked in a buffered read holds the buffer's lock,
+        # and an interpreter exiting under it (a worker that fails to start) aborts (SIGABRT).
+        while os.read(sys.stdin.fileno(), 4096):
+            pass
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
