@@ -293,7 +293,7 @@ def goals(run: dict) -> dict:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64 px only, few jobs: a smoke run")
     parser.add_argument("--label", default="after", help="the key this run is stored under in the results")
@@ -303,7 +303,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="sample the worker with py-spy through a refine-only burst"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     # A smoke run never replaces the committed full run that the docs cite.
     args.out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     formats = args.formats.split(",")
