@@ -1,6 +1,6 @@
 """`refinery` processes forked from one that imported their modules once.
 
-A worker spends about 5 s of CPU importing torch, diffusers and transformers before it
+A worker spends 5-9 s of CPU importing torch, diffusers and transformers before it
 serves, and a `refinery` command 0.5 s (4 s for `train` and `eval`); the test suite starts
 about a hundred of each. The stack starts both from multiprocessing's fork server instead,
 which imports those modules once per process that uses the stack. Each is still a process
