@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 PAIRS, SIZE = 384, 32
 # L1 alone trains fastest (the paper's loss is covered by tests/test_training.py). At 32 px a
 # refiner of half the default width meets the same bounds in half the time, on 384 pairs as
-# on 512 (docs/benchmarks.md, "The test suite's time").
+# on 512, and in 150 steps (docs/benchmarks.md, "The test suite's time").
 PAIRED_STEPS, PAIRED_WIDTH, BOUND_OVER_STUDENT, BOUND_OVER_AFFINE = 150, 16, 0.85, 0.95
 # The refined image's high-frequency energy over the teacher's (the student keeps about 0.1).
 DETAIL_BAND = (0.75, 1.25)
