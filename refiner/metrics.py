@@ -95,6 +95,7 @@ def kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict[str, floa
 
 def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict[str, float]:
     """`fid`, `kid` and `kid_std` between `(N, D)` feature sets: what evaluation reports."""
+    real, fake = real.double().cpu(), fake.double().cpu()  # once: both then take them as they are
     return {"fid": fid(real, fake), **kid(real, fake, seed)}
 
 
