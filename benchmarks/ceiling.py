@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="refinery-ceiling-") as tmp:
         # Batch invariance off, as "auto" leaves it on a GPU: on CPU it refines one image
         # at a time and concatenates the results, copies a GPU worker does not make.
-        with LocalStack(Path(tmp), preset="noop", refiner=NOOP, batch_invariant="off") as stack:
+        with LocalStack(Path(tmp), preset="noop", refiner=NOOP, batch_invariant="off", private_s3=True) as stack:
             ceiling = Ceiling(stack)
             rows = [(kind, size, fmt) for size in sizes for kind in KINDS for fmt in formats]
             run["rows"] = []

@@ -7,6 +7,7 @@ services.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
@@ -55,6 +56,41 @@ def wait_until(check, *, timeout_s: float, what: str, process: Process | None = 
     raise TimeoutError(f"{what} not ready after {timeout_s} s")
 
 
+def moto_server(port: int, log: Path) -> subprocess.Popen:
+    """moto's S3 server on ``port``, returned once it answers."""
+    with open(log, "ab") as out:
+        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/moto-api/"
+    wait_until(lambda: httpx.get(url).status_code < 500, timeout_s=30, what="S3 (moto)", process=process, log=log)
+    return process
+
+
+class SharedS3:
+    """One moto server for the stacks of this process that keep S3 up, each with a bucket of
+    its own. Starting moto and serving its first request takes 1.3 s of CPU, and the test
+    suite starts some 45 stacks; a stack whose test stops S3 has its own (``private_s3``).
+    The server lives until the process exits."""
+
+    def __init__(self) -> None:
+        self._port: int | None = None
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def port(self) -> int:
+        self._port = self._port or free_port()
+        return self._port
+
+    def start(self, log: Path) -> None:
+        if self._process is None or self._process.poll() is not None:
+            self._process = moto_server(self.port, log)
+            atexit.register(self._process.terminate)
+
+
+shared_s3 = SharedS3()
+_stacks = itertools.count()
+
+
 def _env_value(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(value)
@@ -64,21 +100,31 @@ def _env_value(value: Any) -> str:
 
 
 class LocalStack:
-    """``with LocalStack(workdir) as stack:`` gives ``stack.settings`` and running services."""
+    """``with LocalStack(workdir) as stack:`` gives ``stack.settings`` and running services.
+
+    Its S3 is a bucket of its own on the process's shared moto server (`shared_s3`), or,
+    with ``private_s3``, a moto server of its own: process ``"s3"``, which a test may stop."""
 
     def __init__(
-        self, workdir: Path, *, preset: str = "tiny-schnell", redis_aof: bool = False, **overrides: Any
+        self,
+        workdir: Path,
+        *,
+        preset: str = "tiny-schnell",
+        redis_aof: bool = False,
+        private_s3: bool = False,
+        **overrides: Any,
     ) -> None:
         self.workdir = Path(workdir)
         self.redis_aof = redis_aof
+        self.private_s3 = private_s3
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.redis_port = free_port()
-        self.s3_port = free_port()
+        self.s3_port = free_port() if private_s3 else shared_s3.port
         fields: dict[str, Any] = {
             "redis_url": f"redis://127.0.0.1:{self.redis_port}/0",
             "s3_endpoint_url": f"http://127.0.0.1:{self.s3_port}",
-            "s3_bucket": "refinery-local",
+            "s3_bucket": f"refinery-local-{next(_stacks)}",
             # moto accepts any credentials; these only need to be consistent.
             "s3_access_key_id": "testing",
             "s3_secret_access_key": "testing",
@@ -145,15 +191,10 @@ class LocalStack:
         wait_until(client.ping, timeout_s=10, what="redis-server", process=process, log=self.logs / "redis.log")
 
     def start_s3(self) -> None:
-        process = self.spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)])
-        url = f"{self.settings.s3_endpoint_url}/moto-api/"
-        wait_until(
-            lambda: httpx.get(url).status_code < 500,
-            timeout_s=30,
-            what="S3 (moto)",
-            process=process,
-            log=self.logs / "s3.log",
-        )
+        if self.private_s3:
+            self.processes["s3"] = moto_server(self.s3_port, self.logs / "s3.log")
+        else:
+            shared_s3.start(self.logs / "s3-shared.log")
         storage = ObjectStore(self.settings)
         storage.ensure_bucket()
         storage.apply_retention()  # as a deployment does once (`refinery retention --apply`)

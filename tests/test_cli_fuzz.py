@@ -48,7 +48,7 @@ def files(tmp: Path) -> list[str]:
     return [str(tmp / "missing.png"), str(tmp), str(tmp / "empty.png"), str(tmp / "text.png")]
 
 
-def cases(tmp: Path, cancelled: str) -> Iterator[tuple[list[str], str]]:
+def cases(tmp: Path, cancelled: str, bucket: str) -> Iterator[tuple[list[str], str]]:
     """(argv, what it varies): each hostile value in the place of one valid option."""
     generate = ["submit", "generate", "--prompt", "a portrait", "--width", "256", "--height", "256"]
     job = {
@@ -81,7 +81,7 @@ def cases(tmp: Path, cancelled: str) -> Iterator[tuple[list[str], str]]:
     yield refine, "refine neither"
     for option, values in job.items():
         for value in values:
-            yield [*refine, "--input", "s3://refinery-local/in.png", option, value], f"refine {option}"
+            yield [*refine, "--input", f"s3://{bucket}/in.png", option, value], f"refine {option}"
     for command in ("status", "wait", "cancel"):
         for value in JOB_ID:
             yield [command, value], f"{command} JOB_ID"
@@ -89,7 +89,7 @@ def cases(tmp: Path, cancelled: str) -> Iterator[tuple[list[str], str]]:
         yield ["wait", cancelled, "--timeout", value], "wait --timeout"
     for value in INTEGER:
         yield ["dead-letters", "--limit", value], "dead-letters --limit"
-    pairs = ["pairs", "generate", "--count", "1", "--out", "s3://refinery-local/fuzz", "--no-wait"]
+    pairs = ["pairs", "generate", "--count", "1", "--out", f"s3://{bucket}/fuzz", "--no-wait"]
     pairs_options = {
         "--count": INTEGER,
         "--out": URI + [str(tmp / "text.png")],
@@ -177,7 +177,7 @@ def test_hostile_option_values_get_a_typed_error(stack: LocalStack, tmp_path: Pa
     client = Client(stack.settings)
     cancelled = client.submit_generate("to be cancelled", width=256, height=256).job_id
     client.cancel(cancelled)
-    runs = list(cases(tmp_path, cancelled))
+    runs = list(cases(tmp_path, cancelled, stack.settings.s3_bucket))
     assert len(runs) > 300
     problems = [problem for args, _ in runs if (problem := trouble(run(args, env), args))]
     assert not problems, "\n\n".join(problems)
@@ -190,15 +190,15 @@ def test_an_unreachable_redis_or_s3_is_one_line(stack: LocalStack, tmp_path: Pat
     (tmp_path / "face.png").write_bytes(b"")
     for args in (
         ["submit", "generate", "--prompt", "a portrait", "--width", "256", "--height", "256"],
-        ["submit", "refine", "--input", "s3://refinery-local/in.png"],
+        ["submit", "refine", "--input", f"s3://{stack.settings.s3_bucket}/in.png"],
         ["status", "some-job"],
         ["status"],
         ["wait", "some-job", "--timeout", "1"],
         ["cancel", "some-job"],
         ["dead-letters"],
         ["workers"],
-        ["pairs", "status", "--out", "s3://refinery-local/fuzz"],
-        ["pairs", "generate", "--count", "2", "--out", "s3://refinery-local/fuzz", "--no-wait"],
+        ["pairs", "status", "--out", f"s3://{stack.settings.s3_bucket}/fuzz"],
+        ["pairs", "generate", "--count", "2", "--out", f"s3://{stack.settings.s3_bucket}/fuzz", "--no-wait"],
     ):
         result = run(args, env)
         assert trouble(result, args) is None, trouble(result, args)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    with LocalStack(tmp_path_factory.mktemp("doctor"), redis_aof=True) as local:
+    with LocalStack(tmp_path_factory.mktemp("doctor"), redis_aof=True, private_s3=True) as local:
         local.start_worker("model")
         local.start_worker("callbacks", [local.settings.queue_callbacks])
         yield local
@@ -60,7 +60,10 @@ def test_a_healthy_stack_passes(stack: LocalStack) -> None:
     assert checks["redis eviction"][0] == "ok"
     assert checks["clock skew"][0] == "ok"
     assert checks["s3 bucket"][0] == "ok"
-    assert checks["s3 retention"] == ("ok", "s3://refinery-local/refinery/jobs/: objects expire after 7 days")
+    assert checks["s3 retention"] == (
+        "ok",
+        f"s3://{stack.settings.s3_bucket}/refinery/jobs/: objects expire after 7 days",
+    )
     status, detail = checks["worker model@localstack"]
     assert status == "ok"
     assert "preset tiny-schnell" in detail and "refiner identity" in detail and "device cpu" in detail

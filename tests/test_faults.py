@@ -210,7 +210,7 @@ def test_redis_restart_with_aof_keeps_queued_jobs_and_everyone_reconnects(tmp_pa
 
 
 def test_upload_rides_out_a_short_s3_outage(tmp_path):
-    with LocalStack(tmp_path, s3_retry_budget_s=60) as stack:
+    with LocalStack(tmp_path, private_s3=True, s3_retry_budget_s=60) as stack:
         stack.start_worker("worker")
         client = Client(stack.settings)
         stack.stop_process("s3")
@@ -227,7 +227,7 @@ def test_upload_rides_out_a_short_s3_outage(tmp_path):
 
 
 def test_s3_outage_longer_than_the_budget_fails_storage_unavailable(tmp_path):
-    with LocalStack(tmp_path, s3_retry_budget_s=1) as stack:
+    with LocalStack(tmp_path, private_s3=True, s3_retry_budget_s=1) as stack:
         stack.start_worker("worker")
         client = Client(stack.settings)
         stack.stop_process("s3")

@@ -219,7 +219,7 @@ def _deeply_nested() -> dict:
     return root
 
 
-BUCKET = "refinery-local"  # LocalStack's bucket; only used in URIs the contract refuses whatever the bucket
+BUCKET = "refinery-local"  # any name: only used in URIs the contract refuses whatever the bucket
 
 CASES = [
     # Image bytes sent inline: checked by the producer before anything is stored.
@@ -359,12 +359,15 @@ CASES = [
 
 
 def s3_objects(client: Client) -> set[str]:
-    """Every object in every bucket, as bucket/key."""
+    """Every object, as bucket/key, in the buckets a case can reach: the stack's own, those it
+    reads inputs from and the other one the cases upload to. The other buckets the cases name
+    do not exist; the rest on the moto server are other stacks' (devstack.stack.SharedS3)."""
     s3 = client.storage.client
+    reachable = {*client.settings.readable_buckets, OTHER_BUCKET}
     found = set()
-    for bucket in s3.list_buckets()["Buckets"]:
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
-            found |= {f"{bucket['Name']}/{obj['Key']}" for obj in page.get("Contents", [])}
+    for bucket in reachable & {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            found |= {f"{bucket}/{obj['Key']}" for obj in page.get("Contents", [])}
     return found
 
 

@@ -28,6 +28,11 @@ def pair_stage_counts(metrics_port: int) -> dict[str, float]:
     }
 
 
+def said(result: subprocess.CompletedProcess) -> str:
+    """A command's output as one line: the console wraps it at 80 columns."""
+    return " ".join(result.stdout.split())
+
+
 def test_pairs_generate_writes_a_resumable_dataset(tmp_path):
     out = tmp_path / "dataset"
     with LocalStack(tmp_path / "stack", max_batch=4) as stack:
@@ -47,7 +52,7 @@ def test_pairs_generate_writes_a_resumable_dataset(tmp_path):
             "--count",
             "1",
             "--out",
-            "s3://refinery-local/other",
+            f"s3://{stack.settings.s3_bucket}/other",
             "--teacher",
             "flux-dev",
             "--width",
@@ -77,11 +82,11 @@ def test_pairs_generate_writes_a_resumable_dataset(tmp_path):
     assert first.returncode == 0, first.stderr
     # The pairs' model time is in Prometheus, as their own stages.
     assert stage_counts == {"student": 6, "teacher": 6, "encode": 6, "upload": 6}
-    assert "6 pairs queued, 0 already written" in first.stdout
-    assert "0 pairs queued, 6 already written" in again.stdout
-    assert "2 pairs queued, 6 already written" in more.stdout
+    assert "6 pairs queued, 0 already written" in said(first)
+    assert "0 pairs queued, 6 already written" in said(again)
+    assert "2 pairs queued, 6 already written" in said(more)
     assert json.loads(status.stdout)["written"] == 8 and json.loads(status.stdout)["mirrored"] == 8
-    assert resumed.returncode == 0 and "0 pairs queued, 8 already written" in resumed.stdout, resumed.stderr
+    assert resumed.returncode == 0 and "0 pairs queued, 8 already written" in said(resumed), resumed.stderr
     assert warning.startswith("warning: no live worker consumes the 'pairs' queue") and still_waiting, warning
     assert "refinery worker --queues pairs" in warning
 

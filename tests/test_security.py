@@ -299,11 +299,13 @@ def test_rediss_url_broker_checks_the_server_certificate(tls_redis) -> None:
 
 
 class PasswordStack(LocalStack):
-    """LocalStack whose redis-server requires a password (so that one is checked too)."""
+    """LocalStack whose redis-server requires a password (so that one is checked too), with
+    an S3 server of its own, whose log holds only this stack's requests."""
 
     def __init__(self, workdir: Path, password: str, **overrides: object) -> None:
         port = free_port()
-        super().__init__(workdir, redis_url=f"redis://:{password}@127.0.0.1:{port}/0", **overrides)
+        redis_url = f"redis://:{password}@127.0.0.1:{port}/0"
+        super().__init__(workdir, private_s3=True, redis_url=redis_url, **overrides)
         self.redis_port = port
         self.password = password
 
