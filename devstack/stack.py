@@ -74,7 +74,7 @@ class SharedS3:
 
     def __init__(self) -> None:
         self._port: int | None = None
-        self._process: subprocess.Popen | None = None
+        self.process: subprocess.Popen | None = None
 
     @property
     def port(self) -> int:
@@ -82,9 +82,9 @@ class SharedS3:
         return self._port
 
     def start(self, log: Path) -> None:
-        if self._process is None or self._process.poll() is not None:
-            self._process = moto_server(self.port, log)
-            atexit.register(self._process.terminate)
+        if self.process is None or self.process.poll() is not None:
+            self.process = moto_server(self.port, log)
+            atexit.register(self.process.terminate)
 
 
 shared_s3 = SharedS3()

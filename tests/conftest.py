@@ -16,24 +16,24 @@ import torch
 from devstack.stack import LocalStack
 from producer.client import Client
 
-# The files that take longest (seconds in one process, the suite's 2-core run from a fresh
-# clone at 01c9fea; docs/benchmarks.md, "The test suite's time"), first: `scripts/dev.sh test`
-# runs two files at a time, and a long file started last keeps one process busy while the
-# other has nothing left. The rest keep their order.
+# The files that take longest (seconds in one process, the suite's 2-core run in the working
+# copy at 79e3eb5 on a slow day; docs/benchmarks.md, "The test suite's time"), first:
+# `scripts/dev.sh test` runs two files at a time, and a long file started last keeps one
+# process busy while the other has nothing left. The rest keep their order.
 LONGEST_FIRST = (
-    "test_faults.py",  # 115
-    "test_refiner_life.py",  # 113
-    "test_node.py",  # 59
-    "test_refiner_rollout.py",  # 52
-    "test_gpu_script.py",  # 44
-    "test_drain.py",  # 38
-    "test_monitoring.py",  # 32
-    "test_failover.py",  # 32
-    "test_training.py",  # 32
-    "test_gateway_hostile.py",  # 23
-    "test_ceiling.py",  # 20
-    "test_demo.py",  # 15
-    "test_scheduling.py",  # 14
+    "test_refiner_life.py",  # 255
+    "test_faults.py",  # 168
+    "test_refiner_rollout.py",  # 76
+    "test_gpu_script.py",  # 74
+    "test_training.py",  # 66
+    "test_node.py",  # 56
+    "test_gateway_hostile.py",  # 37
+    "test_monitoring.py",  # 35
+    "test_failover.py",  # 34
+    "test_drain.py",  # 32
+    "test_demo.py",  # 29
+    "test_evaluate.py",  # 27
+    "test_gateway.py",  # 25
 )
 
 

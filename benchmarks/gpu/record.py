@@ -108,17 +108,22 @@ class Budget:
 class Record:
     """gpu.json: the run's header (the versions first), then one entry per part, rewritten
     whenever a row comes in. Every part is listed from the start as "pending", so a run that
-    is cut short still says what it did not measure."""
+    is cut short still says what it did not measure. Once the watchdog has cut the run, the
+    record changes no more: a part that then fails, because the cut killed the processes it
+    was using, must not overwrite the cut."""
 
     def __init__(self, out_dir: Path, header: dict[str, Any]) -> None:
         self.path = out_dir / "gpu.json"
         # Held by each change and its write: the watchdog's last write cannot interleave with one.
         self.lock = threading.RLock()
         self.result: dict[str, Any] = {**header, "parts": {name: {"status": "pending"} for name in PARTS}}
+        self.cut_short = False
         self.write()
 
     def set(self, **fields: Any) -> None:
         with self.lock:
+            if self.cut_short:
+                return
             self.result.update(fields)
             self.write()
 
@@ -127,6 +132,8 @@ class Record:
 
     def begin(self, name: str) -> None:
         with self.lock:
+            if self.cut_short:
+                return
             self.result["parts"][name] = {
                 "status": "running",
                 "started_s": round(time.monotonic() - PROCESS_STARTED, 1),
@@ -136,12 +143,16 @@ class Record:
     def row(self, name: str, row: dict[str, Any]) -> None:
         log.info("%s: %s", name, row)
         with self.lock:
+            if self.cut_short:
+                return
             self.part(name).setdefault("rows", []).append(row)
             self.write()
 
     def finish(self, name: str, **fields: Any) -> None:
         """The part's own fields; ``status`` is "ok" unless they say otherwise."""
         with self.lock:
+            if self.cut_short:
+                return
             self.part(name).update({"status": "ok", **fields})
             self.write()
         log.info("%s: %s", name, self.part(name)["status"])
@@ -159,6 +170,7 @@ class Record:
                     part.update(status="skipped", reason=reason)
             self.result["finished"] = False
             self.write()
+            self.cut_short = True
 
     def write(self) -> None:
         # Whole or not at all: a reader (or a process killed mid-write) never sees half a file.

@@ -58,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         # then recorded beside the versions.
         from benchmarks.gpu.parts import measure_all
 
-        return measure_all(args.small, budget, record, args.out_dir)
+        status = measure_all(args.small, budget, record, args.out_dir)
     except Exception as error:  # the run's boundary: whatever failed is on record
         log.exception("the run failed")
         record.set(error=f"{type(error).__name__}: {str(error)[:2000]}", elapsed_s=budget.elapsed())
-        return 1
+        status = 1
     finally:
         watchdog.cancel()  # what is on record is final: the interpreter's teardown must not rewrite it
+    # A cut run ends as the watchdog ends it, even where this thread got here first (its
+    # part failed the moment the watchdog killed the part's processes).
+    return 0 if record.cut_short else status
