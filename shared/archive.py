@@ -27,9 +27,22 @@ class RecordArchive:
 
     def archive(self, record: JobRecord, linger_s: float) -> None:
         """Write a terminal record to the bucket, then let Redis drop it after ``linger_s``.
-        Raises ``StorageUnavailable`` (the record then keeps its full time in Redis)."""
+        Raises ``StorageUnavailable`` (the record then keeps its full time in Redis).
+
+        Two processes archive a job with a callback: the worker that ended it, and the
+        callbacks worker once the delivery is on the record. Their writes can land in either
+        order, so each writes again until Redis still holds what it wrote: the last write to
+        land is then of the latest record (a stale one lost the callback's outcome)."""
         uri = self.objects.job_uri(record.job_id, RECORD_NAME)
-        self.objects.put(uri, record.model_dump_json().encode(), "application/json")
+        while True:
+            self.objects.put(uri, record.model_dump_json().encode(), "application/json")
+            try:
+                latest = self.store.get(record.job_id)
+            except JobNotFound:  # gone from Redis: the bucket's copy is all there is
+                return
+            if latest == record:
+                break
+            record = latest
         self.store.linger(record.job_id, linger_s)
 
     def get(self, job_id: str) -> JobRecord:

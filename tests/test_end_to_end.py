@@ -18,6 +18,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from devstack.stack import wait_until
 from shared import keys
+from shared.archive import RECORD_NAME, RecordArchive
 from shared.broker import callback_push, job_push
 from shared.contract import CallbackStatus, GenerateSpec, JobRecord, JobState, utcnow
 from shared.errors import CallbackRefused, InputNotFound, InvalidInput
@@ -186,6 +187,19 @@ def test_a_callback_message_restored_after_its_delivery_sends_nothing(stack, cli
     said = f"job {job.job_id}: its succeeded callback was settled already; not sent again"
     wait_until(lambda: said in (stack.logs / "callbacks.log").read_text(), timeout_s=30, what="the restored message")
     assert [json.loads(body)["data"]["job_id"] for body in receiver.requests] == [job.job_id]
+
+
+def test_an_archive_write_landing_last_with_a_stale_record_keeps_the_callbacks_outcome(client, receiver):
+    # The worker that ended a job archives the record as it ended; the callbacks worker
+    # archives it again with the delivery on it. Here the worker's write lands last.
+    record = client.submit_generate("portrait", seed=10, width=SIZE, height=SIZE, callback_url=receiver.url).wait(60)
+    wait_until(lambda: client.store.get(record.job_id).callback.delivered, timeout_s=30, what="the delivery recorded")
+    as_ended = client.store.get(record.job_id).model_copy(update={"callback": None})
+
+    RecordArchive(client.store, client.storage).archive(as_ended, client.settings.record_linger_s)
+
+    raw = client.storage.get(client.storage.job_uri(record.job_id, RECORD_NAME))
+    assert JobRecord.model_validate_json(raw).callback.delivered
 
 
 def test_a_finished_record_leaves_redis_and_is_still_found_in_the_bucket(stack, client, receiver):
