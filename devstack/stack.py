@@ -68,9 +68,9 @@ def moto_server(port: int, log: Path) -> subprocess.Popen:
 
 class SharedS3:
     """One moto server for the stacks of this process that keep S3 up, each with a bucket of
-    its own. Starting moto and serving its first request takes 1.3 s of CPU, and the test
-    suite starts some 45 stacks; a stack whose test stops S3 has its own (``private_s3``).
-    The server lives until the process exits."""
+    its own. A stack with a server of its own (``private_s3``, for a test that stops S3) costs
+    1.8 core-seconds more to start and stop (benchmarks/stack_start.py), and the test suite
+    starts some 45 stacks. The server lives until the process exits."""
 
     def __init__(self) -> None:
         self._port: int | None = None
@@ -88,7 +88,7 @@ class SharedS3:
 
 
 shared_s3 = SharedS3()
-_stacks = itertools.count()
+_stacks = itertools.count()  # numbers the stacks' buckets, one name each on the shared server
 
 
 def _env_value(value: Any) -> str:
